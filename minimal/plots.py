@@ -1,0 +1,53 @@
+"""The few plot helpers the notebooks and commands share (matplotlib, nothing fancy)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+
+def plot_accuracy(grid, x: str, group: str | None = None, ax=None, label: str | None = None, marker="o"):
+    """Accuracy vs ``x`` with Wilson 95% intervals as error bars; one line per ``group`` value."""
+    ax = ax or plt.gca()
+    groups = list(dict.fromkeys(r[group] for r in grid)) if group else [None]
+    for g in groups:
+        rows = [r for r in grid if group is None or r[group] == g]
+        xs = [r[x] for r in rows]
+        ys = [100 * r["accuracy"] for r in rows]
+        err = [[100 * (r["accuracy"] - r["low"]) for r in rows], [100 * (r["high"] - r["accuracy"]) for r in rows]]
+        name = label if group is None else f"{label + ' ' if label else ''}{group}={g}"
+        ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=name)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel("accuracy (%), 95% Wilson interval")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if group or label:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_layer_attention(profile: dict, ax=None, label: str = ""):
+    """Attention mass per document on gold vs distractor documents, layer by layer."""
+    ax = ax or plt.gca()
+    layers = range(len(profile["gold_per_doc"]))
+    ax.plot(layers, profile["gold_per_doc"], marker=".", label=f"{label} gold document".strip())
+    if profile.get("distractors_per_doc"):
+        ax.plot(layers, profile["distractors_per_doc"], marker=".", ls="--", label=f"{label} one distractor (mean)".strip())
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention mass of the last token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_document_heatmap(mass, gold, ax=None, title: str = ""):
+    """Heat map of attention mass, layers (rows) x documents (columns); gold columns marked."""
+    ax = ax or plt.gca()
+    im = ax.imshow(mass, aspect="auto", cmap="viridis", origin="lower")
+    n_docs = mass.shape[1]
+    ax.set_xticks(range(n_docs))
+    ax.set_xticklabels([f"[{i + 1}]{'*' if i in gold else ''}" for i in range(n_docs)], fontsize=7)
+    ax.set_xlabel("document (* = gold)")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax, label="attention mass")
+    return ax

@@ -1,0 +1,61 @@
+"""load_model: the offline default is the real SmolLM2, tiny configs are real architectures."""
+
+import pytest
+import torch
+
+from minimal import load_model
+from minimal.models import KNOWN_NAMES, check_supported
+
+
+def test_offline_default_is_smollm2_135m_instruct_and_knows_things():
+    model, tok = load_model()
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size) == (
+        "llama", 30, 9, 3, 576)
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("name,model_type", [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2")])
+def test_tiny_models_are_small_random_and_seeded(name, model_type):
+    a, tok = load_model(name, seed=1)
+    b, _ = load_model(name, seed=1)
+    c, _ = load_model(name, seed=2)
+    assert a.config.model_type == model_type and a.config.num_key_value_heads < a.config.num_attention_heads
+    assert sum(p.numel() for p in a.parameters()) < 5e6
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.config.vocab_size == len(tok)  # the default tokenizer drives the tiny models too
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        load_model("gpt-5")
+    for name in KNOWN_NAMES:
+        assert name in str(err.value)
+
+
+def test_bad_source_is_refused():
+    with pytest.raises(ValueError, match="source"):
+        load_model(source="internet")
+
+
+def test_hub_id_without_network_points_to_the_offline_default(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 40 s of retries
+    with pytest.raises(OSError, match="offline default"):
+        load_model("someone/no-such-model-here")
+
+
+def test_unsupported_family_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="not supported"):
+        check_supported(gpt2)
