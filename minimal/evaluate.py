@@ -81,7 +81,7 @@ def evaluate(
     examples: list[dict],
     *,
     batch_size: int = 8,
-    max_new_tokens: int = 12,
+    max_new_tokens: int = 20,
     attention: bool = True,
     progress: bool = True,
     desc: str = "evaluate",

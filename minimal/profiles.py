@@ -24,7 +24,7 @@ class Profile:
     batch_size: int  # generation batch size
     distractor_counts: tuple[int, ...]  # the sweep of notebook 00
     examples_per_count: int  # examples per point of that sweep
-    max_new_tokens: int = 12
+    max_new_tokens: int = 20  # SmolLM2 answers in a sentence, and a year takes 4 tokens
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed: ``get_profile().with_(batch_size=4)``."""

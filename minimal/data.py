@@ -1,0 +1,453 @@
+"""Noisy-context QA: a synthetic benchmark with hard distractors, JSONL files, and prompts.
+
+Every example is a short list of one-sentence documents and a question that exactly one
+of them answers (two of them, chained, for 2-hop questions). The distractors are *hard*:
+they use the same sentence template as the gold document, about other people, with other
+answers, so only the person's name tells the gold document apart.
+
+>>> ex = generate(1, noise_ratio=0.8, gold_position="middle", split="test", seed=0)[0]
+>>> ex["documents"][ex["gold"][0]], ex["question"], ex["answers"]
+
+Entities are "First Last" names. The first names are split into two disjoint pools,
+``"train"`` and ``"test"`` (so full names never cross over); the last names and the answer
+values (cities, jobs, years, ...) are shared by both splits. The shipped test sets in
+``data/`` use the test split; fine-tuning data uses the train split.
+
+OpAmp's noise ratio r means ``round(1/(1-r)) - 1`` distractors per gold document
+(``distractors_for_noise_ratio``): r = 0, 0.5, 0.8, 0.9 give 0, 1, 4, 9.
+
+An example is a plain dict (see ``data/README.md`` for the schema)::
+
+    {"id": "test-1hop-d4-middle-s0-0", "documents": [...], "gold": [2],
+     "question": "In which city does Alice Smith live?", "answers": ["Paris"],
+     "hops": 1, "relation": "city", "num_distractors": 4, "noise_ratio": 0.8,
+     "gold_position": "middle", "split": "test", "seed": 0}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------
+# Entities and relations
+
+FIRST_NAMES = {
+    "train": (
+        "Adam", "Beatrice", "Colin", "Dora", "Edward", "Fiona", "George", "Helen", "Ivan", "Julia",
+        "Kevin", "Laura", "Martin", "Nina", "Oliver", "Petra", "Rafael", "Sofia", "Thomas", "Ursula",
+        "Vera", "Walter", "Xavier", "Yvonne", "Zachary", "Anna", "Boris", "Chloe", "David", "Eva",
+        "Henry", "Lucy", "Marco", "Olga", "Peter", "Ruth", "Simon", "Tina", "Hannah", "Igor",
+    ),
+    "test": (
+        "Alice", "Bianca", "Carlos", "Daniel", "Elena", "Felix", "Grace", "Hugo", "Irene", "Jonas",
+        "Karen", "Leo", "Maria", "Nadia", "Oscar", "Paula", "Quentin", "Rosa", "Samuel", "Tara",
+        "Victor", "Wendy", "Yusuf", "Zoe", "Amir", "Bruno", "Clara", "Diego", "Emma", "Frank",
+    ),
+}
+SPLITS = tuple(FIRST_NAMES)
+
+LAST_NAMES = (
+    "Smith", "Jones", "Brown", "Garcia", "Miller", "Davis", "Wilson", "Moore", "Clark", "Lewis",
+    "Walker", "Hall", "Young", "King", "Wright", "Scott", "Green", "Bennett", "Nelson", "Hill",
+    "Campbell", "Mitchell", "Roberts", "Evans", "Collins", "Stewart", "Morris", "Murphy", "Cooper", "Reed",
+)
+
+
+def full_names(split: str) -> list[str]:
+    """Every "First Last" name of a split (30 x 30 = 900 for test, 40 x 30 = 1200 for train)."""
+    _check_choice("split", split, SPLITS)
+    return [f"{first} {last}" for first, last in itertools.product(FIRST_NAMES[split], LAST_NAMES)]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A fact template, its question, and the values its answer can take."""
+
+    name: str
+    fact: str  # with {name} and {value}
+    question: str  # with {name}
+    values: tuple[str, ...]
+
+
+RELATIONS = {
+    r.name: r
+    for r in [
+        Relation("city", "{name} lives in {value}.", "In which city does {name} live?", (
+            "Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo",
+            "Stockholm", "Helsinki", "Warsaw", "Athens", "Cairo", "Tokyo", "Seoul", "Lima", "Toronto", "Sydney",
+            "Chicago", "Boston", "Denver", "Moscow", "Istanbul", "Nairobi", "Mumbai", "Bangkok", "Manila", "Havana",
+            "Budapest", "Brussels", "Amsterdam", "Copenhagen", "Geneva", "Milan", "Munich", "Barcelona", "Montreal", "Santiago",
+        )),
+        # Every job starts with a consonant sound, so "works as a ..." always reads right.
+        Relation("job", "{name} works as a {value}.", "What is the job of {name}?", (
+            "baker", "doctor", "farmer", "lawyer", "nurse", "pilot", "teacher", "painter", "dentist", "chef",
+            "plumber", "tailor", "writer", "singer", "banker", "sailor", "barber", "butcher", "judge", "waiter",
+            "gardener", "carpenter", "potter", "dancer", "cashier", "librarian", "mechanic", "soldier", "surgeon", "journalist",
+            "fisherman", "florist", "jeweler", "locksmith", "photographer", "pharmacist", "professor", "student", "tutor", "vet",
+        )),
+        Relation("year", "{name} was born in {value}.", "In which year was {name} born?",
+                 tuple(str(y) for y in range(1940, 2000))),
+        Relation("pet", "{name} has a pet {value}.", "What pet does {name} have?", (
+            "cat", "dog", "rabbit", "parrot", "hamster", "turtle", "goldfish", "horse", "pony", "goat",
+            "lizard", "snake", "ferret", "pig", "duck", "sheep", "frog", "mouse", "canary", "donkey",
+            "chicken", "tortoise", "spider", "owl", "gerbil", "chinchilla", "hedgehog", "cockatoo", "llama", "alpaca",
+            "iguana", "budgie", "rat", "crab", "snail", "toad", "gecko", "pigeon", "swan", "goose",
+        )),
+        Relation("instrument", "{name} plays the {value}.", "Which instrument does {name} play?", (
+            "piano", "guitar", "violin", "drums", "flute", "cello", "trumpet", "harp", "saxophone", "clarinet",
+            "banjo", "oboe", "trombone", "accordion", "ukulele", "harmonica", "tuba", "mandolin", "viola", "bagpipes",
+            "bassoon", "xylophone", "tambourine", "organ", "sitar", "lute", "piccolo", "bugle", "cornet", "zither",
+            "marimba", "bongos", "harpsichord", "kazoo", "recorder", "triangle", "glockenspiel", "didgeridoo", "dulcimer", "cymbals",
+        )),
+        Relation("language", "{name}'s native language is {value}.", "What is the native language of {name}?", (
+            "French", "German", "Spanish", "Italian", "Portuguese", "Dutch", "Polish", "Greek", "Turkish", "Arabic",
+            "Hindi", "Japanese", "Korean", "Chinese", "Russian", "Swedish", "Finnish", "Danish", "Czech", "Hungarian",
+            "Thai", "Vietnamese", "Welsh", "Irish", "Norwegian", "Romanian", "Bulgarian", "Croatian", "Serbian", "Ukrainian",
+            "Hebrew", "Persian", "Swahili", "Bengali", "Tamil", "Urdu", "Malay", "Indonesian", "Icelandic", "Estonian",
+        )),
+    ]
+}
+
+# 2-hop questions go through a bridge person: "A works with B." + "B lives in Paris."
+BRIDGE_FACT = "{name} works with {other}."
+BRIDGE_SUBJECT = "the colleague of {name}"  # takes the place of {name} in the question
+
+GOLD_POSITIONS = ("first", "middle", "last", "random")
+HOPS = (1, 2)
+
+# ----------------------------------------------------------------------------------------
+# Generation
+
+
+def distractors_for_noise_ratio(noise_ratio: float) -> int:
+    """OpAmp's noise ratio r -> distractors per gold document: ``round(1/(1-r)) - 1``.
+
+    A fraction r of the documents is noise: 0 -> 0, 0.5 -> 1, 0.8 -> 4, 0.9 -> 9.
+    (Python's ``round`` sends halves to the even number: r = 0.6 gives round(2.5) - 1 = 1.)
+    """
+    if not 0 <= noise_ratio < 1:
+        raise ValueError(f"noise_ratio must be in [0, 1), got {noise_ratio!r}")
+    return round(1 / (1 - noise_ratio)) - 1
+
+
+def max_distractors(relations=None, hops: int = 1, split: str = "test") -> int:
+    """The most distractors per gold document that the name and value lists allow."""
+    relations = _check_relations(relations)
+    n_values = min(len(RELATIONS[r].values) for r in relations)
+    return min(n_values, len(full_names(split)) // hops) - 1  # 2-hop needs two names per chain
+
+
+def generate(
+    n: int,
+    *,
+    num_distractors: int | None = None,
+    noise_ratio: float | None = None,
+    gold_position: str = "random",
+    hops: int = 1,
+    split: str = "train",
+    seed: int = 0,
+    relations=None,
+) -> list[dict]:
+    """Make ``n`` noisy-context QA examples, the same ones for the same arguments.
+
+    num_distractors: distractor documents per gold document (default 0). Or give
+        ``noise_ratio`` instead, turned into a count by ``distractors_for_noise_ratio``.
+    gold_position: where the gold document goes: "first", "middle" (index
+        ``(n_docs - n_gold) // 2``), "last", or "random". The two gold documents of a
+        2-hop example sit side by side, bridge fact first.
+    hops: 1, or 2 for a question through a bridge person. A 2-hop example has one
+        "chain" (bridge fact + attribute fact) per person asked about; each distractor
+        chain adds one distractor of each kind, so both documents of the gold chain get
+        ``num_distractors`` look-alikes.
+    split: "train" or "test": which pool of first names the people come from.
+    relations: names from ``RELATIONS`` to cycle through (example i uses
+        ``relations[i % len(relations)]``); default all of them.
+    """
+    if num_distractors is not None and noise_ratio is not None:
+        raise ValueError("give num_distractors or noise_ratio, not both")
+    if noise_ratio is not None:
+        num_distractors = distractors_for_noise_ratio(noise_ratio)
+    k = 0 if num_distractors is None else num_distractors
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"num_distractors must be a non-negative integer, got {k!r}")
+    _check_choice("gold_position", gold_position, GOLD_POSITIONS)
+    _check_choice("hops", hops, HOPS)
+    _check_choice("split", split, SPLITS)
+    relations = _check_relations(relations)
+    if k > max_distractors(relations, hops, split):
+        raise ValueError(
+            f"num_distractors={k} is more than the lists allow for relations {relations} with "
+            f"hops={hops}: at most {max_distractors(relations, hops, split)}"
+        )
+
+    rng = random.Random(seed)
+    names = full_names(split)
+    examples = []
+    for i in range(n):
+        relation = RELATIONS[relations[i % len(relations)]]
+        make = _one_hop if hops == 1 else _two_hop
+        gold_docs, distractors, question, answer = make(rng, relation, names, k)
+        documents, gold = _place(gold_docs, distractors, gold_position, rng)
+        examples.append({
+            "id": f"{split}-{hops}hop-d{k}-{gold_position}-s{seed}-{i}",
+            "documents": documents,
+            "gold": gold,
+            "question": question,
+            "answers": [answer],
+            "hops": hops,
+            "relation": relation.name,
+            "num_distractors": k,
+            "noise_ratio": None if noise_ratio is None else float(noise_ratio),
+            "gold_position": gold_position,
+            "split": split,
+            "seed": seed,
+        })
+    return examples
+
+
+def _one_hop(rng: random.Random, relation: Relation, names: list[str], k: int):
+    """k + 1 people, k + 1 distinct values, one fact each; the first one is asked about."""
+    people, values = rng.sample(names, k + 1), rng.sample(relation.values, k + 1)
+    facts = [relation.fact.format(name=p, value=v) for p, v in zip(people, values)]
+    return facts[:1], facts[1:], relation.question.format(name=people[0]), values[0]
+
+
+def _two_hop(rng: random.Random, relation: Relation, names: list[str], k: int):
+    """k + 1 chains "A works with B." + "B <relation> v."; the first chain is asked about.
+
+    Every distractor is half of a complete chain, so a person with an attribute is always
+    somebody's colleague: the model has to start from the name in the question.
+    """
+    people = rng.sample(names, 2 * (k + 1))
+    subjects, bridges = people[: k + 1], people[k + 1 :]
+    values = rng.sample(relation.values, k + 1)
+    bridge_facts = [BRIDGE_FACT.format(name=s, other=b) for s, b in zip(subjects, bridges)]
+    facts = [relation.fact.format(name=b, value=v) for b, v in zip(bridges, values)]
+    distractors = bridge_facts[1:] + facts[1:]
+    rng.shuffle(distractors)
+    question = relation.question.format(name=BRIDGE_SUBJECT.format(name=subjects[0]))
+    return [bridge_facts[0], facts[0]], distractors, question, values[0]
+
+
+def _place(gold_docs: list[str], distractors: list[str], position: str, rng: random.Random):
+    """Insert the gold documents, as one block, into the distractors. Returns (documents, gold)."""
+    slots = len(distractors)  # the block can start at 0 .. slots
+    start = {"first": 0, "middle": slots // 2, "last": slots}.get(position)
+    if start is None:  # "random"
+        start = rng.randint(0, slots)
+    documents = distractors[:start] + gold_docs + distractors[start:]
+    return documents, list(range(start, start + len(gold_docs)))
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
+
+
+def _check_relations(relations) -> list[str]:
+    if relations is None:
+        return list(RELATIONS)
+    if isinstance(relations, str):
+        relations = [relations]
+    for r in relations:
+        _check_choice("relation", r, tuple(RELATIONS))
+    if not relations:
+        raise ValueError("relations is empty: give at least one of " + ", ".join(RELATIONS))
+    return list(relations)
+
+
+# ----------------------------------------------------------------------------------------
+# JSONL files
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+# field -> (expected type(s), what it holds); checked by validate_example
+SCHEMA = {
+    "id": (str, "unique name of the example"),
+    "documents": (list, "the context documents, in prompt order"),
+    "gold": (list, "indices into documents of the gold document(s)"),
+    "question": (str, "the question"),
+    "answers": (list, "accepted answers"),
+    "hops": (int, "1 or 2"),
+    "relation": (str, "which fact template"),
+    "num_distractors": (int, "distractor documents per gold document"),
+    "noise_ratio": ((float, int, type(None)), "OpAmp noise ratio, or null"),
+    "gold_position": (str, "first, middle, last or random"),
+    "split": (str, "train or test entity pool"),
+    "seed": (int, "seed given to generate"),
+}
+
+
+def validate_example(ex) -> None:
+    """Raise ValueError naming the first missing or invalid field of an example dict."""
+    if not isinstance(ex, dict):
+        raise ValueError(f"expected a JSON object, got {type(ex).__name__}")
+    for field, (types, meaning) in SCHEMA.items():
+        if field not in ex:
+            raise ValueError(f"missing field {field!r} ({meaning})")
+        value = ex[field]
+        # bool is a subclass of int in Python; it is never a valid count or seed
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"field {field!r} must be {_type_names(types)}, got {value!r}")
+
+    def fail(field, why):
+        raise ValueError(f"field {field!r} {why}, got {ex[field]!r}")
+
+    docs = ex["documents"]
+    if not docs or not all(isinstance(d, str) and d.strip() for d in docs):
+        fail("documents", "must be a non-empty list of non-empty strings")
+    gold = ex["gold"]
+    if not gold or not all(type(g) is int and 0 <= g < len(docs) for g in gold):
+        fail("gold", f"must be a non-empty list of indices in [0, {len(docs)})")
+    if not ex["answers"] or not all(isinstance(a, str) and a.strip() for a in ex["answers"]):
+        fail("answers", "must be a non-empty list of non-empty strings")
+    if ex["hops"] not in HOPS:
+        fail("hops", "must be 1 or 2")
+    if len(gold) != ex["hops"]:
+        fail("gold", f"must hold one index per hop ({ex['hops']})")
+    if ex["num_distractors"] < 0:
+        fail("num_distractors", "must be >= 0")
+    if ex["noise_ratio"] is not None and not 0 <= ex["noise_ratio"] < 1:
+        fail("noise_ratio", "must be in [0, 1) or null")
+    if ex["gold_position"] not in GOLD_POSITIONS:
+        fail("gold_position", f"must be one of {', '.join(GOLD_POSITIONS)}")
+    if ex["split"] not in SPLITS:
+        fail("split", f"must be one of {', '.join(SPLITS)}")
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def write_jsonl(examples: list[dict], path) -> Path:
+    """Write one example per line (each one validated first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, ex in enumerate(examples):
+            try:
+                validate_example(ex)
+            except ValueError as err:
+                raise ValueError(f"example {i} ({ex.get('id', '?')}): {err}") from None
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    """Read and validate a JSONL test set; errors name the file, the line and the field."""
+    path = Path(path)
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing one, say) are not examples
+            try:
+                ex = json.loads(line)
+                validate_example(ex)
+            except ValueError as err:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"{path}, line {lineno}: {err}") from None
+            examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path} is an empty test set")
+    return examples
+
+
+def load_test_set(name_or_path) -> list[dict]:
+    """A shipped test set by name ("test_1hop", "test_2hop", "test_distractors"), or a path."""
+    shipped = DATA_DIR / f"{name_or_path}.jsonl"
+    if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.exists():
+        return read_jsonl(shipped)
+    path = Path(name_or_path)
+    if not path.exists():
+        names = sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
+        raise FileNotFoundError(f"no test set {str(name_or_path)!r}: not a file, nor one of {names}")
+    return read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts
+
+INSTRUCTION = "Answer the question using the documents. Reply with the answer only."
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt and where its parts are, as token index ranges [start, end)."""
+
+    input_ids: torch.Tensor  # [T], long
+    text: str  # the full chat-templated string
+    doc_spans: list[tuple[int, int]]  # one per document
+    question_span: tuple[int, int]  # the question sentence
+
+
+def user_message(example: dict) -> tuple[str, list[tuple[int, int]], tuple[int, int]]:
+    """The user turn, with the character spans of each document and of the question."""
+    text, doc_chars = INSTRUCTION + "\n\nDocuments:\n", []
+    for i, doc in enumerate(example["documents"], start=1):
+        text += f"[{i}] "
+        doc_chars.append((len(text), len(text) + len(doc)))
+        text += doc + "\n"
+    text += "\nQuestion: "
+    question_chars = (len(text), len(text) + len(example["question"]))
+    return text + example["question"], doc_chars, question_chars
+
+
+def build_prompt(tokenizer, example: dict, *, system: str | None = None) -> Prompt:
+    """Chat-template the example and find each document's tokens.
+
+    The templated text is tokenized with character offsets, and a document's tokens are
+    those that overlap its characters. A token may carry the space before a document
+    (" Alice"), so ``tokenizer.decode(ids[s:e]).strip() == document``.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("build_prompt needs a fast tokenizer (it uses return_offsets_mapping)")
+    message, doc_chars, question_chars = user_message(example)
+    messages = [{"role": "user", "content": message}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    shift = text.find(message)
+    if shift < 0:
+        raise ValueError("the chat template changed the user message; cannot locate the documents")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+
+    def token_span(a: int, b: int) -> tuple[int, int]:
+        a, b = a + shift, b + shift
+        inside = [t for t, (s, e) in enumerate(offsets) if s < b and e > a]
+        return inside[0], inside[-1] + 1
+
+    return Prompt(
+        input_ids=torch.tensor(enc["input_ids"], dtype=torch.long),
+        text=text,
+        doc_spans=[token_span(a, b) for a, b in doc_chars],
+        question_span=token_span(*question_chars),
+    )
+
+
+def build_batch(tokenizer, examples: list[dict], *, system: str | None = None):
+    """Left-padded batch for generation: ``(input_ids, attention_mask, doc_spans)``.
+
+    input_ids and attention_mask are [B, T]; doc_spans[b] are row b's document spans,
+    shifted by that row's padding.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token first")
+    prompts = [build_prompt(tokenizer, ex, system=system) for ex in examples]
+    T = max(len(p.input_ids) for p in prompts)
+    input_ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    doc_spans = []
+    for b, p in enumerate(prompts):
+        pad = T - len(p.input_ids)
+        input_ids[b, pad:] = p.input_ids
+        attention_mask[b, pad:] = 1
+        doc_spans.append([(s + pad, e + pad) for s, e in p.doc_spans])
+    return input_ids, attention_mask, doc_spans
