@@ -44,8 +44,10 @@ def cmd_evaluate(args) -> int:
     layers = evaluate.attention_by_layer(records)
     print()
     print(evaluate.format_grid(grids["lenient"], title="Accuracy (lenient match), 95% Wilson interval, (n)"))
-    print()
-    print(evaluate.format_grid(grids["strict"], title="Accuracy (strict exact match)"))
+    strict = evaluate.accuracy_grid(records, by=(), metric="strict")[0]
+    print(f"Strict exact match overall: {strict['correct']}/{strict['n']} "
+          f"({100 * strict['accuracy']:.1f}%, 95% CI {100 * strict['low']:.0f}-{100 * strict['high']:.0f}%): "
+          "the model answers in sentences, so the lenient rule is the one to read.")
     print(f"\n{len(records)} examples in {seconds:.0f} s on {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_batch
+from .data import GOLD_POSITIONS, build_batch
 from .hooks import capture_attention
 
 # ----------------------------------------------------------------------------- matching
@@ -166,7 +166,7 @@ def accuracy_grid(records: list[dict], by=("noise_ratio", "gold_position"), metr
     for r in records:
         cells[tuple(r.get(k) for k in by)].append(r)
     rows = []
-    for key in sorted(cells, key=lambda k: tuple((v is None, str(v) if isinstance(v, str) else v) for v in k)):
+    for key in sorted(cells, key=lambda k: tuple(_sort_key(v) for v in k)):
         rs = cells[key]
         correct = sum(bool(r[metric]) for r in rs)
         low, high = wilson_interval(correct, len(rs))
@@ -175,6 +175,15 @@ def accuracy_grid(records: list[dict], by=("noise_ratio", "gold_position"), metr
             row["gold_mass"] = sum(sum(r["gold_mass"]) / len(r["gold_mass"]) for r in rs) / len(rs)
         rows.append(row)
     return rows
+
+
+def _sort_key(value):
+    """Numbers in order, gold positions in reading order (first, middle, last), None last."""
+    if value is None:
+        return (2, 0, "")
+    if isinstance(value, str):
+        return (1, GOLD_POSITIONS.index(value) if value in GOLD_POSITIONS else len(GOLD_POSITIONS), value)
+    return (0, value, "")
 
 
 def attention_by_layer(records: list[dict]) -> dict:

@@ -33,7 +33,7 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile("smoke", examples_per_cell=2, batch_size=8, distractor_counts=(0, 3), examples_per_count=4),
-    "cpu": Profile("cpu", examples_per_cell=20, batch_size=8, distractor_counts=(0, 1, 3, 7, 15), examples_per_count=40),
+    "cpu": Profile("cpu", examples_per_cell=30, batch_size=8, distractor_counts=(0, 1, 3, 7, 15), examples_per_count=40),
     "gpu": Profile("gpu", examples_per_cell=50, batch_size=32, distractor_counts=(0, 1, 3, 7, 15, 31), examples_per_count=100),
 }
 
