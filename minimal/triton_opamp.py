@@ -1,0 +1,399 @@
+"""Fused OpAmp attention in Triton: forward and backward, never building the (T, S) maps.
+
+The spec is ``minimal.attention.opamp_attention`` (same signature, same masks, same numbers
+up to rounding); read it first. OpAmp attention (arXiv 2502.12502) is
+
+    M+ = softmax(Q1 K1^T s + mask),  M- = softmax(Q2 K2^T s + mask)          (B, H, T, S)
+    O  = (K (M+ - M-) + (M+ + M-)/2) V = a M+ V - b M- V,   a = K + 1/2,  b = K - 1/2
+
+which is Differential-Transformer attention (arXiv 2410.05258) with lambda = b/a and gain a.
+The kernels follow FlashAttention-2 (Dao, 2023) and Triton's fused-attention tutorial:
+
+forward   one program per (query block, batch*head). It streams over key blocks and keeps
+          TWO online-softmax states (running max m, running sum l, accumulator acc), one per
+          map. Both maps read the same values, so each V tile is loaded once and used twice.
+          At the end: O = a acc1/l1 - b acc2/l2. For the backward it saves each map's
+          log-sum-exp and each map's own output O1 = M+ V, O2 = M- V.
+backward  two kernels that recompute the probabilities from the saved log-sum-exps:
+          one per (key block, batch*KV head) for dK1, dK2, dV (it loops over the query heads
+          of its GQA group, so K/V are never repeated and no atomics are needed), and one per
+          (query block, batch*head) for dQ1, dQ2.
+
+Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
+
+    O      = c1 P1 V + c2 P2 V                      P1 = M+, P2 = M-
+    dV     = (c1 P1 + c2 P2)^T dO                   one matmul for both maps
+    dPk    = ck dO V^T                              dO V^T is shared by both maps
+    dSk    = Pk * (dPk - rowsum(Pk * dPk))          the softmax backward
+           = ck Pk * (dO V^T - Dk),  Dk = rowsum(dO * Ok),  Ok = Pk V   (this map's own output)
+    dQk    = s dSk Kk,   dKk = s dSk^T Qk           s = the softmax scale
+
+Dk needs each map's own output Ok, not the combined O: rowsum(dO * O) only gives
+c1 D1 + c2 D2. That is why the forward stores O1 and O2 when a gradient will be needed.
+
+Conventions (as in the reference): q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D); query head
+h reads KV head h // (H // Hkv); causal is aligned bottom-right (query i sees keys
+j <= i + S - T); key_padding_mask is bool (B, S), True = keep; a row that sees no key
+outputs 0. Supported: head dims 16..128 (any size: D is padded to a power of two inside the
+kernel with masked loads), any T and S. fp16, bf16 and fp32 on a GPU (fp32 dots in IEEE
+precision, not TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1,
+set before this module is imported), where bf16 dots are wrong, so bf16 raises there.
+Accumulation is always fp32. Block sizes are plain, untuned choices; no autotuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import check_opamp_inputs
+
+__all__ = ["opamp_attention", "interpreter_active"]
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+
+# ----------------------------------------------------------------------------------------
+# Small device helpers
+
+
+@triton.jit
+def _allowed(rows, cols, b, T, S, PAD, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Which (query row, key column) pairs may attend: bool (BLOCK_M, BLOCK_N)."""
+    ok = (rows[:, None] < T) & (cols[None, :] < S)  # inside the tensors (tails are masked)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + (S - T))  # bottom-right alignment
+    if HAS_PAD:
+        keep = tl.load(PAD + b * S + cols, mask=cols < S, other=0)  # (BLOCK_N,) 1 = real token
+        ok = ok & (keep[None, :] != 0)
+    return ok
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, m, l, acc, allowed, qk_scale, PRECISION: tl.constexpr):
+    """Fold one key block into a map's running (m, l, acc); returns the new state.
+
+    q (BLOCK_M, BLOCK_D), k and v (BLOCK_N, BLOCK_D), m and l (BLOCK_M,), acc (BLOCK_M, BLOCK_D).
+    Scores are in log2 units (qk_scale = scale * log2(e)). Masked scores are set to -1e30,
+    a finite stand-in for -inf, and their probabilities forced to 0, so a row that has seen
+    no key yet keeps l = 0 and acc = 0 instead of turning into NaN.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    s = tl.where(allowed, s, -1.0e30)
+    m_new = tl.maximum(m, tl.max(s, 1))  # (BLOCK_M,) new running max
+    alpha = tl.exp2(m - m_new)  # rescales what was accumulated under the old max
+    p = tl.where(allowed, tl.exp2(s - m_new[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _probs(q, k, lse, allowed, qk_scale, PRECISION: tl.constexpr):
+    """Recompute a map's probabilities from its log-sum-exp: (BLOCK_M, BLOCK_N), fp32."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+    s = tl.where(allowed, s, -1.0e30)
+    return tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _opamp_fwd_kernel(
+    Q1, K1, Q2, K2, V, PAD,  # inputs: (B,H,T,D) x2, (B,Hkv,S,D) x3, (B,S) int8 or unused
+    O, O1, O2, LSE1, LSE2,  # outputs: (B,H,T,D) x3, (B,H,T) fp32 x2 (O1.. only if SAVE)
+    qk_scale, gain_plus, gain_minus,  # scale*log2(e), a = K + 1/2, b = K - 1/2
+    H, GROUP, T, S, D,  # GROUP = H // Hkv query heads per KV head
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h, int64 so offsets cannot overflow
+    b, h = bh // H, bh % H
+    bkv = b * (H // GROUP) + h // GROUP  # b * Hkv + (the KV head this query head reads)
+
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) head-dim lanes, >= D are padding
+    q_idx = bh * T * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    q_mask = (rows[:, None] < T) & (offs_d[None, :] < D)
+    q1 = tl.load(Q1 + q_idx, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q2 = tl.load(Q2 + q_idx, mask=q_mask, other=0.0)
+
+    # two online-softmax states, one per map
+    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l1 = tl.zeros((BLOCK_M,), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m2 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l2 = tl.zeros((BLOCK_M,), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    # causal: the last row of this block sees keys up to (start_m + BLOCK_M - 1) + S - T
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M + S - T)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        kv_idx = bkv * S * D + cols[:, None] * D + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+        kv_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+        k1 = tl.load(K1 + kv_idx, mask=kv_mask, other=0.0)
+        k2 = tl.load(K2 + kv_idx, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_idx, mask=kv_mask, other=0.0)  # loaded once, used by both maps
+        allowed = _allowed(rows, cols, b, T, S, PAD, CAUSAL, HAS_PAD)
+        m1, l1, acc1 = _online_softmax_step(q1, k1, v, m1, l1, acc1, allowed, qk_scale, PRECISION)
+        m2, l2, acc2 = _online_softmax_step(q2, k2, v, m2, l2, acc2, allowed, qk_scale, PRECISION)
+
+    # normalise each map; a row that saw no key has l = 0 and acc = 0, and outputs 0
+    l1 = tl.where(l1 == 0.0, 1.0, l1)
+    l2 = tl.where(l2 == 0.0, 1.0, l2)
+    o1 = acc1 / l1[:, None]  # (BLOCK_M, BLOCK_D) = M+ V
+    o2 = acc2 / l2[:, None]  # (BLOCK_M, BLOCK_D) = M- V
+    o = gain_plus * o1 - gain_minus * o2
+    tl.store(O + q_idx, o.to(O.dtype.element_ty), mask=q_mask)
+    if SAVE:  # what the backward needs
+        tl.store(O1 + q_idx, o1.to(O1.dtype.element_ty), mask=q_mask)
+        tl.store(O2 + q_idx, o2.to(O2.dtype.element_ty), mask=q_mask)
+        tl.store(LSE1 + bh * T + rows, m1 + tl.log2(l1), mask=rows < T)  # log2 units
+        tl.store(LSE2 + bh * T + rows, m2 + tl.log2(l2), mask=rows < T)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward: dK1, dK2, dV (one program per key block and KV head) ...
+
+
+@triton.jit
+def _opamp_bwd_dkdv_kernel(
+    Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,  # D1, D2: (B,H,T) fp32 rowsum(dO * Ok)
+    DK1, DK2, DV,  # outputs (B,Hkv,S,D)
+    qk_scale, sm_scale, gain_plus, gain_minus,
+    H, GROUP, T, S, D,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1).to(tl.int64)  # b * Hkv + kv head
+    Hkv = H // GROUP
+    b, kvh = bkv // Hkv, bkv % Hkv
+
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_idx = bkv * S * D + cols[:, None] * D + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    kv_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+    k1 = tl.load(K1 + kv_idx, mask=kv_mask, other=0.0)
+    k2 = tl.load(K2 + kv_idx, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_idx, mask=kv_mask, other=0.0)
+    dk1 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dk2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+
+    # causal: query i sees key j iff i >= j - (S - T), so earlier rows can be skipped
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - (S - T))
+    for g in range(0, GROUP):  # every query head that reads this KV head (GQA)
+        bh = b * H + kvh * GROUP + g
+        for start_m in range(lo, T, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q_idx = bh * T * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+            q_mask = (rows[:, None] < T) & (offs_d[None, :] < D)
+            q1 = tl.load(Q1 + q_idx, mask=q_mask, other=0.0)
+            q2 = tl.load(Q2 + q_idx, mask=q_mask, other=0.0)
+            do = tl.load(DO + q_idx, mask=q_mask, other=0.0)
+            lse1 = tl.load(LSE1 + bh * T + rows, mask=rows < T, other=0.0)  # (BLOCK_M,)
+            lse2 = tl.load(LSE2 + bh * T + rows, mask=rows < T, other=0.0)
+            d1 = tl.load(D1 + bh * T + rows, mask=rows < T, other=0.0)
+            d2 = tl.load(D2 + bh * T + rows, mask=rows < T, other=0.0)
+
+            allowed = _allowed(rows, cols, b, T, S, PAD, CAUSAL, HAS_PAD)
+            p1 = _probs(q1, k1, lse1, allowed, qk_scale, PRECISION)  # (BLOCK_M, BLOCK_N)
+            p2 = _probs(q2, k2, lse2, allowed, qk_scale, PRECISION)
+            dov = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO V^T, shared
+
+            # dV += (a P1 - b P2)^T dO
+            p = gain_plus * p1 - gain_minus * p2
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            # dS1 = a P1 (dO V^T - D1),  dS2 = -b P2 (dO V^T - D2);  dK += dS^T Q
+            ds1 = gain_plus * p1 * (dov - d1[:, None])
+            ds2 = -gain_minus * p2 * (dov - d2[:, None])
+            dk1 += tl.dot(tl.trans(ds1.to(q1.dtype)), q1, input_precision=PRECISION)
+            dk2 += tl.dot(tl.trans(ds2.to(q2.dtype)), q2, input_precision=PRECISION)
+
+    tl.store(DK1 + kv_idx, (dk1 * sm_scale).to(DK1.dtype.element_ty), mask=kv_mask)
+    tl.store(DK2 + kv_idx, (dk2 * sm_scale).to(DK2.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_idx, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ... and dQ1, dQ2 (one program per query block and head, like the forward)
+
+
+@triton.jit
+def _opamp_bwd_dq_kernel(
+    Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,
+    DQ1, DQ2,  # outputs (B,H,T,D)
+    qk_scale, sm_scale, gain_plus, gain_minus,
+    H, GROUP, T, S, D,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    bkv = b * (H // GROUP) + h // GROUP
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_idx = bh * T * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    q_mask = (rows[:, None] < T) & (offs_d[None, :] < D)
+    q1 = tl.load(Q1 + q_idx, mask=q_mask, other=0.0)
+    q2 = tl.load(Q2 + q_idx, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_idx, mask=q_mask, other=0.0)
+    lse1 = tl.load(LSE1 + bh * T + rows, mask=rows < T, other=0.0)
+    lse2 = tl.load(LSE2 + bh * T + rows, mask=rows < T, other=0.0)
+    d1 = tl.load(D1 + bh * T + rows, mask=rows < T, other=0.0)
+    d2 = tl.load(D2 + bh * T + rows, mask=rows < T, other=0.0)
+    dq1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M + S - T)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_idx = bkv * S * D + cols[:, None] * D + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+        kv_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+        k1 = tl.load(K1 + kv_idx, mask=kv_mask, other=0.0)
+        k2 = tl.load(K2 + kv_idx, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_idx, mask=kv_mask, other=0.0)
+
+        allowed = _allowed(rows, cols, b, T, S, PAD, CAUSAL, HAS_PAD)
+        p1 = _probs(q1, k1, lse1, allowed, qk_scale, PRECISION)
+        p2 = _probs(q2, k2, lse2, allowed, qk_scale, PRECISION)
+        dov = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds1 = gain_plus * p1 * (dov - d1[:, None])
+        ds2 = -gain_minus * p2 * (dov - d2[:, None])
+        dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)  # dQ += dS K
+        dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)
+
+    tl.store(DQ1 + q_idx, (dq1 * sm_scale).to(DQ1.dtype.element_ty), mask=q_mask)
+    tl.store(DQ2 + q_idx, (dq2 * sm_scale).to(DQ2.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Python side: checks, launch settings, the autograd.Function
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1
+    was set before import)."""
+    return type(_opamp_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_kernel_inputs(q1, k1, q2, k2, v, K, key_padding_mask):
+    """The reference's checks plus what this kernel supports; returns (B, H, Hkv, T, S, D)."""
+    B, H, Hkv, T, S, D = check_opamp_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
+    if not 16 <= D <= 128:
+        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
+    dtype = q1.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype} is not supported: use float16, bfloat16 or float32")
+    if interpreter_active():
+        if dtype == torch.bfloat16:
+            raise ValueError(
+                "bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
+                "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU."
+            )
+    elif not q1.is_cuda:
+        raise ValueError(
+            "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
+            "importing minimal.triton_opamp (or use minimal.attention.opamp_attention)"
+        )
+    return B, H, Hkv, T, S, D
+
+
+def _launch_settings(D, dtype):
+    """Block sizes and warps. Plain choices, not tuned (this is a teaching kernel)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if interpreter_active():  # small blocks: fast in numpy, and tiny tests still cross blocks
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D), {}
+    big = BLOCK_D > 64 or dtype == torch.float32  # keep register/shared-memory use moderate
+    blocks = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=BLOCK_D)
+    return blocks, dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
+
+
+def _on_device(t):
+    """Launch on the tensor's GPU, not whichever is current (a no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _OpAmpAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q1, k1, q2, k2, v, K, causal, key_padding_mask, scale, save):
+        B, H, T, D = q1.shape
+        Hkv, S = k1.shape[1], k1.shape[2]
+        q1, k1, q2, k2, v = (t.contiguous() for t in (q1, k1, q2, k2, v))
+        pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+        scale = D**-0.5 if scale is None else float(scale)
+        a, b = float(K) + 0.5, float(K) - 0.5
+        blocks, launch = _launch_settings(D, q1.dtype)
+        precision = "ieee" if q1.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit
+
+        o = torch.empty_like(q1)  # (B, H, T, D)
+        o1 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M+ V
+        o2 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M- V
+        lse1 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
+        lse2 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
+        grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)
+        with _on_device(q1):
+            _opamp_fwd_kernel[grid](
+                q1, k1, q2, k2, v, pad if pad is not None else q1,
+                o, o1, o2, lse1, lse2,
+                scale * LOG2E, a, b,
+                H, H // Hkv, T, S, D,
+                CAUSAL=bool(causal), HAS_PAD=pad is not None, SAVE=bool(save), PRECISION=precision,
+                **blocks, **launch,
+            )
+        if save:
+            ctx.save_for_backward(q1, k1, q2, k2, v, o1, o2, lse1, lse2, pad)
+            ctx.args = (scale, a, b, bool(causal), blocks, launch, precision)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward
+    def backward(ctx, do):
+        q1, k1, q2, k2, v, o1, o2, lse1, lse2, pad = ctx.saved_tensors
+        scale, a, b, causal, blocks, launch, precision = ctx.args
+        B, H, T, D = q1.shape
+        Hkv, S = k1.shape[1], k1.shape[2]
+        do = do.contiguous()
+
+        # per-map "delta" of the softmax backward: Dk = rowsum(dO * Ok), (B, H, T) fp32
+        d1 = (do.float() * o1.float()).sum(-1)
+        d2 = (do.float() * o2.float()).sum(-1)
+
+        dq1, dq2 = torch.empty_like(q1), torch.empty_like(q2)
+        dk1, dk2, dv = torch.empty_like(k1), torch.empty_like(k2), torch.empty_like(v)
+        args = (q1, k1, q2, k2, v, pad if pad is not None else q1, do, lse1, lse2, d1, d2)
+        consts = dict(CAUSAL=causal, HAS_PAD=pad is not None, PRECISION=precision, **blocks, **launch)
+        sizes = (scale * LOG2E, scale, a, b, H, H // Hkv, T, S, D)
+        grid_kv = (triton.cdiv(S, blocks["BLOCK_N"]), B * Hkv)  # one program per key block
+        grid_q = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)  # one program per query block
+        with _on_device(q1):
+            _opamp_bwd_dkdv_kernel[grid_kv](*args, dk1, dk2, dv, *sizes, **consts)
+            _opamp_bwd_dq_kernel[grid_q](*args, dq1, dq2, *sizes, **consts)
+        return dq1, dk1, dq2, dk2, dv, None, None, None, None, None
+
+
+def opamp_attention(q1, k1, q2, k2, v, K=10.0, causal=True, key_padding_mask=None, scale=None):
+    """Fused OpAmp attention; same signature and semantics as
+    ``minimal.attention.opamp_attention`` (the spec), differentiable in q1, k1, q2, k2, v.
+
+    q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D); returns (B, H, T, D) in the input dtype.
+    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
+    """
+    _check_kernel_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, q2, k2, v))
+    return _OpAmpAttention.apply(q1, k1, q2, k2, v, float(K), causal, key_padding_mask, scale, save)
