@@ -39,7 +39,7 @@ def plot_layer_attention(profile: dict, ax=None, label: str = ""):
     return ax
 
 
-def plot_document_heatmap(mass, gold, ax=None, title: str = ""):
+def plot_document_heatmap(mass, gold, ax=None, title: str = "", label: str = "attention mass"):
     """Heat map of attention mass, layers (rows) x documents (columns); gold columns marked."""
     ax = ax or plt.gca()
     im = ax.imshow(mass, aspect="auto", cmap="viridis", origin="lower")
@@ -49,5 +49,5 @@ def plot_document_heatmap(mass, gold, ax=None, title: str = ""):
     ax.set_xlabel("document (* = gold)")
     ax.set_ylabel("layer")
     ax.set_title(title)
-    plt.colorbar(im, ax=ax, label="attention mass")
+    plt.colorbar(im, ax=ax, label=label)
     return ax

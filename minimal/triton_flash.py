@@ -1,0 +1,135 @@
+"""The smallest flash attention: one softmax map, forward only, in Triton.
+
+A teaching kernel for notebook 02, the step before ``minimal/triton_opamp.py`` (which keeps
+two of these online-softmax states in one loop and adds the backward). It computes
+
+    O = softmax(Q K^T s + causal mask) V          q (B, H, T, D), k and v (B, H, S, D)
+
+without ever building the (T, S) score matrix (FlashAttention, Dao et al. 2022; Triton's
+fused-attention tutorial). One program handles BLOCK_M query rows of one (batch, head) and
+streams over the keys BLOCK_N at a time, keeping per row a running max ``m``, a running sum
+``l`` of exp(score - m) and an accumulator ``acc`` of exp(score - m) V. When a new block
+raises the max, what was accumulated is rescaled by exp(m_old - m_new). At the end
+``O = acc / l``.
+
+Kept deliberately small: same number of heads for q, k and v (no GQA), no padding mask, no
+gradient (the output does not require grad), head dim a power of two in [16, 128]. Causal
+is aligned bottom-right as in ``minimal.attention``: query i sees keys j <= i + S - T; a row
+that sees no key outputs 0. fp16, bf16 and fp32 on a GPU (fp32 dots in IEEE precision, not
+TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1, set before this
+module is imported), where bf16 dots are wrong, so bf16 raises there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention", "interpreter_active"]
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O,  # (B, H, T, D), (B, H, S, D) x2, (B, H, T, D); contiguous
+    qk_scale,  # softmax scale * log2(e): scores in log2 units
+    T, S, D,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M  # this program's first query row
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) = D
+    q = tl.load(Q + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
+
+    m = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max (a finite "-inf")
+    l = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # running sum of exp2(score - m) * v
+
+    hi = S  # causal: no key after the last row's diagonal
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M + S - T)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        kv = bh * S * D + cols[:, None] * D + offs_d[None, :]  # (BLOCK_N, BLOCK_D) offsets
+        k = tl.load(K + kv, mask=cols[:, None] < S, other=0.0)
+        v = tl.load(V + kv, mask=cols[:, None] < S, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        allowed = cols[None, :] < S
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= rows[:, None] + (S - T))
+        s = tl.where(allowed, s, -1.0e30)
+
+        m_new = tl.maximum(m, tl.max(s, 1))  # (BLOCK_M,)
+        alpha = tl.exp2(m - m_new)  # rescale the old state to the new max
+        p = tl.where(allowed, tl.exp2(s - m_new[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    l = tl.where(l == 0.0, 1.0, l)  # a row that saw no key: acc = 0, output 0
+    o = acc / l[:, None]
+    o_idx = bh * T * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    tl.store(O + o_idx, o.to(O.dtype.element_ty), mask=rows[:, None] < T)
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernel runs on Triton's CPU interpreter (TRITON_INTERPRET=1
+    was set before import)."""
+    return type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _check(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a rank-4 tensor (B, H, seq, D), got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, T, D), (Bk, Hk, S, Dk) = q.shape, k.shape
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head dim")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim D={D} is not supported here: use 16, 32, 64 or 128")
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError("q, k and v must be on one device")
+    if interpreter_active() and q.dtype == torch.bfloat16:
+        raise ValueError("bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
+                         "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU.")
+    if not interpreter_active() and not q.is_cuda:
+        raise ValueError("the Triton kernel needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing "
+                         "minimal.triton_flash")
+    return B, H, T, S, D
+
+
+def flash_attention(q, k, v, causal=True, scale=None):
+    """``softmax(Q K^T s + causal mask) V`` in one pass over the keys; forward only.
+
+    q (B, H, T, D); k, v (B, H, S, D); D in {16, 32, 64, 128}; returns (B, H, T, D) in the
+    dtype of q. ``scale`` defaults to 1/sqrt(D). CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    """
+    B, H, T, S, D = _check(q, k, v)
+    scale = D**-0.5 if scale is None else float(scale)
+    q, k, v = (t.detach().contiguous() for t in (q, k, v))
+    o = torch.empty_like(q)  # (B, H, T, D)
+    if interpreter_active():  # small blocks: fast in numpy, and small inputs still cross blocks
+        blocks, launch = dict(BLOCK_M=16, BLOCK_N=16), {}
+    else:
+        blocks = dict(BLOCK_M=64, BLOCK_N=32 if (D > 64 or q.dtype == torch.float32) else 64)
+        launch = dict(num_warps=8 if D > 64 else 4, num_stages=2)
+    grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)  # one program per (query block, batch*head)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # the tensors' GPU
+        _flash_fwd_kernel[grid](
+            q, k, v, o, scale * LOG2E, T, S, D,
+            CAUSAL=bool(causal), BLOCK_D=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **blocks, **launch,
+        )
+    return o
