@@ -29,6 +29,40 @@ SIZES: dict[str, tuple] = {
     # 00 the problem
     "distractor_counts": ((0, 3), (0, 1, 3, 7, 15), (0, 1, 3, 7, 15)),  # accuracy-vs-distractors sweep
     "examples_per_count": (4, 40, 40),  # examples per point of that sweep (the shipped file has 40)
+    # 03 opamp adaptation (and 04 cmrr ablation)
+    "opamp_model": ("smollm2-135m", "smollm2-135m", "Qwen/Qwen2.5-0.5B-Instruct"),  # gpu: QLoRA 4-bit
+    "opamp_stride": (3, 3, 1),  # OpAmp on every stride-th layer (authors: 2 Llama, 3 Qwen, 1 in eval)
+    "opamp_lora_r": (8, 8, 64),  # LoRA rank (spec 64; scaled down on CPU for speed)
+    "opamp_lora_alpha": (16, 16, 16),  # LoRA alpha (spec 16)
+    "opamp_train_batch": (2, 4, 8),  # training micro-batch
+    "opamp_train_steps": (1, 24, 500),  # optimizer steps, same for OpAmp+LoRA and LoRA-only
+    "opamp_eval_per_cell": (1, 8, 50),  # test_1hop questions per (noise, position) cell
+    # 04 cmrr ablation
+    "cmrr_values": ((10,), (1, 5, 10, 20), (1, 5, 10, 20)),  # K values
+    "cmrr_train_steps": (1, 12, 300),  # steps per run (every K and the LoRA-only control), batch opamp_train_batch
+    "cmrr_train_noise": (0.8, 0.8, 0.8),  # every run trains at this one noise ratio; tests span all of them
+    "cmrr_eval_per_cell": (1, 4, 30),  # test_1hop questions per (noise, position) cell
+    "cmrr_seeds": ((0,), (0,), (0, 1, 2)),  # training seeds
+    # 05 scaled reattention
+    "sra_text_tokens": (256, 2200, 2200),  # last tokens of data/text/facts_qa.txt (2194: all of it)
+    "sra_elim_per_ratio": (1, 8, 25),  # test_1hop questions per noise ratio, per elimination threshold
+    "sra_sweep_examples": (6, 48, 150),  # train-split questions per (g, f) point of the sweep
+    "sra_sweep_gains": ((4.0,), (2.0, 4.0, 8.0), (2.0, 4.0, 8.0)),  # g values swept
+    "sra_sweep_factors": ((0.5,), (0.3, 0.5), (0.1, 0.3, 0.5)),  # f = f_inner = f_outer values swept
+    "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
+    # 06 pear
+    "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
+                      ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's
+    "pear_compare_samples": (2, 10, 40),  # samples of the 2nd setting scored by both variants (mean vs path)
+    "pear_k": (5, 10, 10),  # headline top-k, fixed in advance
+    "pear_k_sweep": ((5,), (5, 10, 20), (5, 10, 20)),  # k values trained and evaluated
+    "pear_train_sequences": (8, 160, 50000),  # copy sequences for tau (paper: 50,000)
+    "pear_train_n": (10, 25, 50),  # their n (paper: 50)
+    "pear_train_batch": (4, 4, 32),  # sequences per step
+    "pear_lr": (5e-3, 2.5e-2, 5e-3),  # AdamW lr: authors' 5e-3; cpu 5x, since it takes 40 steps, not ~1,500
+    "pear_eval_per_cell": (1, 20, 30),  # test_1hop questions per (noise 0.8/0.9, position) cell
+    "pear_held_out": (8, 32, 64),  # held-out copy sequences (copy accuracy before/after)
+    "pear_latency_repeats": (3, 21, 51),  # interleaved timings, folded vs base
 }
 
 

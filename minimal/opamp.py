@@ -1,0 +1,375 @@
+"""OpAmp adaptation (arXiv 2502.12502): adapters that turn each attention layer into an amplifier.
+
+A chosen layer computes two attention maps from adapted queries and keys and combines them
+like an operational amplifier with differential gain ``K`` (the CMRR) and common-mode gain 1::
+
+    q1 = Eq1(q),  q2 = Eq2(q)          q (B, T, H*D): the query heads, concatenated, after RoPE
+    k1 = Ek1(k),  k2 = Ek2(k)          k (B, S, Hkv*D): the KV heads, before GQA repetition
+    M+ = softmax(q1 k1^T s + mask),  M- = softmax(q2 k2^T s + mask)          (B, H, T, S)
+    M  = K (M+ - M-) + (M+ + M-)/2,  out = M V                               V untouched
+
+Each adapter is a small residual bottleneck, ``E(x) = x + W_up(GELU(W_down(dropout(x))))``
+(hidden 64, no biases, ``W_up`` zero-initialised), so right after :func:`add_opamp` every
+adapter is the identity, ``M+ = M- = M`` and the model computes exactly what it did before.
+Training then moves the two maps apart. Placement follows the authors' code (after RoPE, on
+all heads concatenated); the paper's equations read as if before RoPE.
+
+>>> calibrations = add_opamp(model, K=10)         # adapters on every layer, identity at init
+>>> save_opamp(model, "results/opamp")           # adapters.safetensors + opamp_config.json
+>>> load_opamp(other_model, "results/opamp")     # checks the model matches, then loads
+>>> remove_opamp(model)
+
+The layers run OpAmp attention through ``minimal.hooks``: on CUDA with the fused Triton kernel
+(``minimal.triton_opamp``); on CPU (or for a mask that is not causal + padding) as
+``(K + 1/2) M+ V - (K - 1/2) M- V`` with PyTorch's fused softmax attention for each map, which
+takes the model's full boolean mask. Both are tested against ``minimal.attention.opamp_attention``.
+
+Adapters act after RoPE and mix the heads, so unlike plain RoPE attention the result depends
+on absolute positions: pass the same ``position_ids`` that ``generate()`` uses for left-padded
+batches (``cumsum(mask) - 1``) when comparing against it; training batches are right-padded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hooks
+from .attention import opamp_combine
+
+__all__ = [
+    "Adapter",
+    "OpAmpCalibration",
+    "add_opamp",
+    "remove_opamp",
+    "opamp_layers",
+    "opamp_parameters",
+    "save_opamp",
+    "load_opamp",
+    "mask_to_causal_padding",
+]
+
+CONFIG_FILE, WEIGHTS_FILE = "opamp_config.json", "adapters.safetensors"
+BACKENDS = ("auto", "triton", "reference")
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+class Adapter(nn.Module):
+    """``E(x) = x + W_up(GELU(W_down(dropout(x))))``: (..., dim) -> (..., dim).
+
+    W_down (hidden, dim) Kaiming-uniform, W_up (dim, hidden) zeros, no biases, so E is the
+    identity at initialisation. The weights stay in their own dtype (fp32 by default); the
+    input is cast to it and the result cast back, so a bf16 model can carry fp32 adapters.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.w_down = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(hidden, dim, bias=False)
+        nn.init.kaiming_uniform_(self.w_down.weight, a=math.sqrt(5))  # nn.Linear's own default
+        nn.init.zeros_(self.w_up.weight)
+
+    def forward(self, x):
+        h = x.to(self.w_down.weight.dtype)
+        return x + self.w_up(F.gelu(self.w_down(self.dropout(h)))).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def mask_to_causal_padding(allowed: torch.Tensor, T: int, S: int):
+    """Express a boolean HF mask as ``causal (bottom-right) & key_padding_mask``, if it is one.
+
+    allowed (B|1, 1, T, S), True = attend. Returns ``key_padding_mask (B|1, S)`` when, on
+    every row of a real (non-padding) query, ``allowed`` equals the bottom-right causal mask
+    restricted to the real keys; else ``None`` (e.g. a sliding window, packed sequences).
+    Rows of padding queries are ignored: their outputs are never used, and the two
+    conventions differ there.
+    """
+    keep = allowed[:, 0].any(dim=1)  # (B|1, S): a key someone may see is a real token
+    i = torch.arange(T, device=allowed.device)[:, None]
+    j = torch.arange(S, device=allowed.device)[None, :]
+    expected = (j <= i + (S - T))[None] & keep[:, None, :]  # (B|1, T, S)
+    real_query = keep[:, S - T :] if S >= T else torch.ones_like(keep[:, :T])  # (B|1, T)
+    same = (expected == allowed[:, 0]) | ~real_query[:, :, None]
+    return keep if bool(same.all()) else None
+
+
+def _masked_probs(q, k, allowed, scale):
+    """softmax(q k^T s) over the allowed keys: (B, H, R, D) x (B, H, S, D) -> (B, H, R, S), fp32.
+
+    Masked scores use a finite minimum (as ``minimal.attention``), then are zeroed, so a row
+    with no allowed key is all zeros and its gradient is finite.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, R, S)
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=-1) * allowed
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+class OpAmpCalibration(nn.Module):
+    """OpAmp for one attention layer: four adapters and the combined attention.
+
+    Attached as ``self_attn.calibration`` (see ``minimal.hooks``), so its parameters are in the
+    model's ``state_dict`` under ``...self_attn.calibration.{q1,q2,k1,k2}.w_{down,up}.weight``.
+
+    q1, q2   Adapter(H * D)      on the queries of all heads concatenated, after RoPE
+    k1, k2   Adapter(Hkv * D)    on the keys of the KV heads concatenated, before GQA repetition
+    K        the CMRR (differential gain); common-mode gain is 1
+    backend  "auto" (Triton kernel on CUDA, eager reference on CPU), "triton", "reference"
+    """
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, K=10.0, adapter_dim=64, dropout=0.1, backend="auto"):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.K, self.backend = float(K), backend
+        self.q1 = Adapter(num_heads * head_dim, adapter_dim, dropout)
+        self.q2 = Adapter(num_heads * head_dim, adapter_dim, dropout)
+        self.k1 = Adapter(num_kv_heads * head_dim, adapter_dim, dropout)
+        self.k2 = Adapter(num_kv_heads * head_dim, adapter_dim, dropout)
+
+    def extra_repr(self):
+        return f"K={self.K}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+
+    @staticmethod
+    def _heads(x, adapter):
+        """Apply an adapter across heads: (B, H, T, D) -> (B, T, H*D) -> adapter -> (B, H, T, D)."""
+        B, H, T, D = x.shape
+        flat = x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return adapter(flat).reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+
+    def adapt(self, query, key):
+        """(q1, k1, q2, k2) from query (B, H, T, D) and key (B, Hkv, S, D)."""
+        return (self._heads(query, self.q1), self._heads(key, self.k1),
+                self._heads(query, self.q2), self._heads(key, self.k2))
+
+    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """OpAmp attention for the hook: query (B, H, T, D), key/value (B, Hkv, S, D) -> (B, T, H, D)."""
+        T, S = query.shape[2], key.shape[2]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q1, k1, q2, k2 = self.adapt(query, key)
+        use_triton = self.backend == "triton" or (self.backend == "auto" and query.is_cuda)
+        if attention_mask is None and (T == S or T == 1):  # plain causal prefill, or one decoding query
+            allowed, padding, is_causal = None, None, T > 1
+        else:
+            allowed = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
+            padding = mask_to_causal_padding(allowed, T, S) if use_triton else None
+            is_causal = False
+        if use_triton and (allowed is None or padding is not None):
+            from . import triton_opamp  # imported on first use: CPU runs never need Triton
+
+            B, dtype = query.shape[0], value.dtype
+            padding = None if padding is None else padding.expand(B, S).contiguous()
+            out = triton_opamp.opamp_attention(
+                q1.to(dtype), k1.to(dtype), q2.to(dtype), k2.to(dtype), value, self.K,
+                causal=True, key_padding_mask=padding, scale=scaling,
+            )  # (B, H, T, D)
+        else:  # eager path, any mask (also the fallback for masks that are not causal + padding)
+            # (K + 1/2) M+ V - (K - 1/2) M- V, each term by PyTorch's fused softmax attention, in fp32
+            groups = self.num_heads // self.num_kv_heads
+            v = hooks.repeat_kv(value, groups).float()  # (B, H, S, D)
+            with torch.autocast(query.device.type, enabled=False):
+                kw = dict(attn_mask=allowed, is_causal=is_causal, scale=scaling)
+                out_plus = F.scaled_dot_product_attention(q1.float(), hooks.repeat_kv(k1, groups).float(), v, **kw)
+                out_minus = F.scaled_dot_product_attention(q2.float(), hooks.repeat_kv(k2, groups).float(), v, **kw)
+                out = ((self.K + 0.5) * out_plus - (self.K - 0.5) * out_minus).to(value.dtype)  # (B, H, T, D)
+        return out.transpose(1, 2).contiguous()  # (B, T, H, D)
+
+    def _map(self, q1, k1, q2, k2, allowed, scaling):
+        """The combined map ``K (M+ - M-) + (M+ + M-)/2`` (B, H, R, S) for queries q1, q2 (B, H, R, D)."""
+        groups = self.num_heads // self.num_kv_heads
+        m_plus = _masked_probs(q1, hooks.repeat_kv(k1, groups), allowed, scaling)  # (B, H, R, S)
+        m_minus = _masked_probs(q2, hooks.repeat_kv(k2, groups), allowed, scaling)  # (B, H, R, S)
+        return opamp_combine(m_plus, m_minus, self.K)
+
+    @torch.no_grad()
+    def probs(self, module, query, key, attention_mask, scaling=None, rows=None):
+        """The combined OpAmp map for the query ``rows`` (default all): (B, H, R, S), fp32.
+
+        This is what ``hooks.capture_attention`` records, so captures show the map really used.
+        Its rows sum to 1 but entries may be negative.
+        """
+        T, S = query.shape[2], key.shape[2]
+        rows = torch.arange(T, device=query.device) if rows is None else rows
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q1, k1, q2, k2 = self.adapt(query, key)
+        allowed = hooks.boolean_mask(attention_mask, T, S, query.device)[..., rows, :]  # (B|1, 1, R, S)
+        return self._map(q1[:, :, rows], k1, q2[:, :, rows], k2, allowed, scaling)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_K(K):
+    if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
+        raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
+
+
+def _shape(model) -> dict:
+    """The attention geometry that adapters depend on."""
+    config = getattr(model, "config", None)
+    needed = ("num_hidden_layers", "num_attention_heads")
+    if config is None or not all(hasattr(config, a) for a in needed):
+        raise ValueError(f"{type(model).__name__} has no config with {', '.join(needed)}: OpAmp needs a "
+                         "Hugging Face causal LM of the llama, qwen2 or mistral family")
+    H = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // H
+    return dict(
+        model_type=getattr(config, "model_type", None),
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=H,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or H,
+        head_dim=head_dim,
+    )
+
+
+def opamp_layers(model) -> dict[int, OpAmpCalibration]:
+    """``{layer index: OpAmpCalibration}`` for the layers that carry OpAmp."""
+    return {m.layer_idx: m.calibration for m in hooks.attention_modules(model)
+            if isinstance(getattr(m, "calibration", None), OpAmpCalibration)}
+
+
+def opamp_parameters(model) -> list[nn.Parameter]:
+    """The adapters' parameters (to train, or to count)."""
+    return [p for cal in opamp_layers(model).values() for p in cal.parameters()]
+
+
+def add_opamp(model, K=10.0, adapter_dim: int = 64, stride: int = 1, layers=None, dropout: float = 0.1,
+              backend: str = "auto") -> dict[int, OpAmpCalibration]:
+    """Attach OpAmp to every ``stride``-th layer (0, stride, 2*stride, ...) or to ``layers``.
+
+    K: the CMRR (> 0, default 10). adapter_dim: the adapters' hidden size (>= 1).
+    stride: the authors use 2 for Llama, 3 for Qwen, 1 in their evaluation. layers: explicit
+    layer indices (then leave stride at 1). Returns ``{layer: calibration}``. The model's outputs
+    are unchanged until the adapters are trained (W_up = 0). Adapters are fp32, on the device of
+    each layer's ``q_proj``; they are added after any quantisation, so they are never quantised.
+    """
+    _check_K(K)
+    _positive_int("adapter_dim", adapter_dim)
+    _positive_int("stride", stride)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    shape = _shape(model)
+    modules = hooks.install(model)  # raises ValueError for attention modules it does not understand
+    n_layers = len(modules)
+    if layers is None:
+        chosen = list(range(0, n_layers, stride))
+    else:
+        if stride != 1:
+            raise ValueError("give layers=[...] or stride, not both")
+        chosen = sorted(set(layers))
+        if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in chosen):
+            raise ValueError(f"layers must be a non-empty list of layer indices in [0, {n_layers}), got {layers!r}")
+    if opamp_layers(model):
+        raise ValueError("the model already carries OpAmp adapters: call remove_opamp(model) first")
+
+    added = {}
+    for m in modules:
+        if m.layer_idx not in chosen:
+            continue
+        cal = OpAmpCalibration(shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"],
+                               K=K, adapter_dim=adapter_dim, dropout=dropout, backend=backend)
+        m.calibration = cal.to(m.q_proj.weight.device).train(m.training)  # eval model -> no dropout
+        added[m.layer_idx] = m.calibration
+    model._opamp_config = dict(K=float(K), adapter_dim=adapter_dim, stride=stride, layers=chosen,
+                               dropout=float(dropout))
+    return added
+
+
+def remove_opamp(model) -> None:
+    """Detach every OpAmp adapter; the layers go back to plain attention."""
+    for m in hooks.attention_modules(model):
+        if isinstance(getattr(m, "calibration", None), OpAmpCalibration):
+            del m.calibration
+    if hasattr(model, "_opamp_config"):
+        del model._opamp_config
+
+
+# ----------------------------------------------------------------------------- save and load
+
+
+def _model_name(model) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", ""))
+
+
+def save_opamp(model, directory) -> Path:
+    """Write ``adapters.safetensors`` (the adapters only) and ``opamp_config.json``."""
+    from safetensors.torch import save_file
+
+    layers = opamp_layers(model)
+    if not layers:
+        raise ValueError("the model carries no OpAmp adapters: call add_opamp(model) first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layers.{i}.{name}": t.detach().cpu().contiguous()
+               for i, cal in layers.items() for name, t in cal.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    config = dict(getattr(model, "_opamp_config", {}), layers=sorted(layers), model=_model_name(model), **_shape(model))
+    config["K"] = next(iter(layers.values())).K
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def load_opamp(model, directory, check_model_name: bool = True) -> dict[int, OpAmpCalibration]:
+    """Load adapters saved by :func:`save_opamp` into ``model``, adding OpAmp if it has none.
+
+    Raises ValueError if the saved geometry (model type, layers, heads, head dim), the model's
+    name (when ``check_model_name``), or an OpAmp already on the model differ from the saved
+    config, and if any tensor is missing, unexpected or of the wrong shape: it never keeps
+    random weights silently.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+        raise ValueError(f"{directory} has no {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_opamp)")
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    for key, value in _shape(model).items():
+        if saved.get(key) != value:
+            raise ValueError(f"adapters in {directory} were saved for {key}={saved.get(key)!r}, "
+                             f"this model has {key}={value!r}")
+    if check_model_name and Path(saved.get("model", "")).name != Path(_model_name(model)).name:
+        raise ValueError(f"adapters in {directory} were saved for model {saved.get('model')!r}, this is "
+                         f"{_model_name(model)!r} (pass check_model_name=False if they are the same weights)")
+
+    layers = opamp_layers(model)
+    if not layers:
+        layers = add_opamp(model, K=saved["K"], adapter_dim=saved["adapter_dim"], layers=saved["layers"],
+                           dropout=saved.get("dropout", 0.1))
+    else:
+        cal = next(iter(layers.values()))
+        have = dict(K=cal.K, adapter_dim=cal.q1.w_down.out_features, layers=sorted(layers))
+        for key, value in have.items():
+            if saved[key] != value:
+                raise ValueError(f"the model carries OpAmp with {key}={value!r}, the saved adapters have "
+                                 f"{key}={saved[key]!r}: call remove_opamp(model) first")
+
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    expected = {f"layers.{i}.{name}": t for i, cal in layers.items() for name, t in cal.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"saved adapters do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for name, target in expected.items():
+        if tensors[name].shape != target.shape:
+            raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)}, model expects {tuple(target.shape)}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+    return layers

@@ -1,0 +1,242 @@
+"""Scaled ReAttention in Triton: two passes per query block, never building the (T, T) map.
+
+The spec is ``minimal.sra.sra_attention_eager`` (``reattend(softmax(Q K^T s)) V``); read
+``minimal/sra.py`` first. SRA changes a row's probabilities by rules that need the *final*
+probability ``p_j = exp(s_j - lse)`` of every key (is it below the threshold theta?), so the
+usual one-pass online softmax of FlashAttention is not enough: we cannot decide "keep or drop"
+while the running max is still moving. Two passes are, because everything the output needs
+is a sum over keys once the row's log-sum-exp is known (per row i, window W = [lo, hi)):
+
+pass 1   ``_sra_lse_kernel``: lse_i = log sum_j exp(s_ij), an online max and sum over key blocks.
+pass 2   ``_sra_out_kernel``: with p_ij = exp(s_ij - lse_i), over key blocks again,
+
+             kept    = sum_{p_j >= theta} p_j v_j        r = 1 - sum_{p_j >= theta} p_j
+             mv      = sum_{j in W} m_j v_j              M = sum_{j in W} m_j,  m_j = 100 or 5
+             valid   = any_{j in W} p_j > theta
+
+         it stores out = kept + r g mv / M and the flag valid.
+
+Each pass is one program per (query block, batch*head), as in FlashAttention-2 (Dao, 2023) and
+Triton's fused-attention tutorial; K/V tiles are read by the query head's KV head (GQA), never
+repeated in memory. The wrapper first gives every row plain attention (SDPA), then sends only
+the rows SRA touches (one chunk of c rows and the t tail rows per layer) through the two
+kernels, and keeps their output where valid; ``minimal.sra.sra_attention`` does the same in
+PyTorch (they share ``minimal.sra.sra_output``).
+
+The per-row parameters come from ``minimal.sra.row_plan``: theta, lo, hi (B, R) in padded
+positions; an untouched row has lo = hi (an empty window, never valid) and comes out plain.
+Conventions: q (B, H, R, D) holds the *last* R of S positions (bottom-right causal: row r sees
+keys j <= r + S - R); key_real (B, S) is True on real tokens (left padding); a row that sees no
+key outputs 0. Head dims 16..128; fp16, bf16, fp32 on a GPU (fp32 dots in IEEE precision, not
+TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1, set before this module
+is imported), where bf16 dots are wrong, so bf16 raises there. Accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import check_opamp_inputs
+from .sra import sra_output
+
+__all__ = ["sra_attention", "interpreter_active"]
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _allowed(rows, cols, b, R, S, PAD):
+    """Which (row, key) pairs may attend: inside the tensors, causal (bottom-right), real key."""
+    ok = (rows[:, None] < R) & (cols[None, :] < S)
+    ok = ok & (cols[None, :] <= rows[:, None] + (S - R))
+    keep = tl.load(PAD + b * S + cols, mask=cols < S, other=0)  # (BLOCK_N,) 1 = real token
+    return ok & (keep[None, :] != 0)
+
+
+@triton.jit
+def _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION: tl.constexpr):
+    """Load a key tile and return (scores in log2 units (BLOCK_M, BLOCK_N), tile index, tile mask)."""
+    kv_idx = kv_base + cols[:, None] * D + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    kv_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+    k = tl.load(K + kv_idx, mask=kv_mask, other=0.0)
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, kv_idx, kv_mask
+
+
+# ----------------------------------------------------------------------------------------
+# Pass 1: each row's log-sum-exp
+
+
+@triton.jit
+def _sra_lse_kernel(
+    Q, K, PAD, LSE,  # Q (B,H,R,D), K (B,Hkv,S,D), PAD (B,S) int8, LSE (B,H,R) fp32 out
+    qk_scale, H, GROUP, R, S, D,  # qk_scale = scale * log2(e); GROUP = H // Hkv
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h, int64 so offsets cannot overflow
+    b, h = bh // H, bh % H
+    kv_base = (b * (H // GROUP) + h // GROUP) * S * D  # the KV head this query head reads
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (rows[:, None] < R) & (offs_d[None, :] < D)
+    q = tl.load(Q + bh * R * D + rows[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+
+    m = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max (a finite -inf: no NaN)
+    l = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
+    hi = tl.minimum(S, start_m + BLOCK_M + S - R)  # causal: no key after the block's last row
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        s, _, _ = _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION)
+        allowed = _allowed(rows, cols, b, R, S, PAD)
+        s = tl.where(allowed, s, -1.0e30)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.where(allowed, tl.exp2(s - m_new[:, None]), 0.0)
+        l = l * tl.exp2(m - m_new) + tl.sum(p, 1)
+        m = m_new
+    # a row that saw no key gets lse = +1e30, so exp2(s - lse) = 0 in pass 2
+    lse = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), 1.0e30)
+    tl.store(LSE + bh * R + rows, lse, mask=rows < R)
+
+
+# ----------------------------------------------------------------------------------------
+# Pass 2: the accumulators and the output
+
+
+@triton.jit
+def _sra_out_kernel(
+    Q, K, V, PAD, LSE, THETA, LO, HI, O, VALID,  # THETA (B,R) fp32, LO/HI (B,R) int32; O (B,H,R,D), VALID (B,H,R)
+    qk_scale, gain, H, GROUP, R, S, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    kv_base = (b * (H // GROUP) + h // GROUP) * S * D
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_idx = bh * R * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    q_mask = (rows[:, None] < R) & (offs_d[None, :] < D)
+    q = tl.load(Q + q_idx, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * R + rows, mask=rows < R, other=1.0e30)  # (BLOCK_M,) log2 units
+    theta = tl.load(THETA + b * R + rows, mask=rows < R, other=0.0)  # per-row plan (same for all heads)
+    lo = tl.load(LO + b * R + rows, mask=rows < R, other=0)
+    hi_w = tl.load(HI + b * R + rows, mask=rows < R, other=0)
+
+    kept = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_{p >= theta} p v
+    mv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_{j in W} m_j v_j
+    kept_mass = tl.zeros((BLOCK_M,), tl.float32)  # sum_{p >= theta} p
+    msum = tl.zeros((BLOCK_M,), tl.float32)  # sum_{j in W} m_j
+    valid = tl.zeros((BLOCK_M,), tl.int32)  # 1 once some p > theta inside W
+
+    hi = tl.minimum(S, start_m + BLOCK_M + S - R)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        s, kv_idx, kv_mask = _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION)
+        v = tl.load(V + kv_base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        allowed = _allowed(rows, cols, b, R, S, PAD)
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)  # final softmax probabilities
+
+        keep = p >= theta[:, None]  # the 100/5 weights and the drop rule use >=
+        in_w = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi_w[:, None])  # (BLOCK_M, BLOCK_N)
+        p_keep = tl.where(keep, p, 0.0)
+        m_w = tl.where(in_w, tl.where(keep, 100.0, 5.0), 0.0)
+
+        kept += tl.dot(p_keep.to(v.dtype), v, input_precision=PRECISION)
+        mv += tl.dot(m_w.to(v.dtype), v, input_precision=PRECISION)
+        kept_mass += tl.sum(p_keep, 1)
+        msum += tl.sum(m_w, 1)
+        hit = tl.where(in_w & (p > theta[:, None]), 1, 0)  # validity uses >
+        valid = tl.maximum(valid, tl.max(hit, 1))
+
+    coef = (1.0 - kept_mass) * gain / tl.maximum(msum, 1.0)  # r g / M, per row
+    out = kept + coef[:, None] * mv
+    tl.store(O + q_idx, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(VALID + bh * R + rows, valid.to(tl.int8), mask=rows < R)
+
+
+# ----------------------------------------------------------------------------------------
+# Python side
+
+
+def interpreter_active() -> bool:
+    """True when the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    return type(_sra_out_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_kernel_inputs(q, k, v):
+    B, H, Hkv, T, S, D = check_opamp_inputs(q, k, q, k, v)
+    if not 16 <= D <= 128:
+        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
+    if interpreter_active():
+        if q.dtype == torch.bfloat16:
+            raise ValueError(
+                "bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
+                "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU."
+            )
+    elif not q.is_cuda:
+        raise ValueError(
+            "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
+            "importing minimal.triton_sra (or use minimal.sra.sra_attention)"
+        )
+
+
+def _launch_settings(D, dtype):
+    """Block sizes and warps: plain, untuned choices (a teaching kernel)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if interpreter_active():  # small blocks: fast in numpy, and tiny tests still cross blocks
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D), {}
+    big = BLOCK_D > 64 or dtype == torch.float32  # pass 2 holds two (BLOCK_M, BLOCK_D) accumulators
+    blocks = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=BLOCK_D)
+    return blocks, dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
+
+
+def _on_device(t):
+    """Launch on the tensor's GPU, not whichever is current (a no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _sra_rows_triton(q, k, v, theta, lo, hi, key_real, scale, gain):
+    """The rows function of ``minimal.sra.sra_output``: q (B,H,R,D) are the last R of S positions.
+
+    Returns (out (B, H, R, D), valid (B, H, R) bool): the re-weighted rows and where they apply."""
+    B, H, R, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pad = key_real.to(torch.int8).contiguous()  # (B, S)
+    theta = theta.to(torch.float32).contiguous()  # (B, R)
+    lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    blocks, launch = _launch_settings(D, q.dtype)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+    lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    valid = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
+    grid = (triton.cdiv(R, blocks["BLOCK_M"]), B * H)
+    sizes = (H, H // Hkv, R, S, D)
+    with _on_device(q):
+        _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, PRECISION=precision, **blocks, **launch)
+        _sra_out_kernel[grid](
+            q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes,
+            PRECISION=precision, **blocks, **launch,
+        )
+    return out, valid.bool()
+
+
+def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, scale=None):
+    """SRA attention with the Triton kernels; same signature and numbers as
+    ``minimal.sra.sra_attention`` (and the spec ``minimal.sra.sra_attention_eager``).
+
+    q (B, H, T, D); k, v (B, Hkv, T, D); lengths: real tokens per sequence (left padding).
+    Returns (B, H, T, D) in q's dtype. Forward only (SRA is an inference-time method).
+    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
+    """
+    _check_kernel_inputs(q, k, v)
+    return sra_output(q, k, v, layer_idx, num_layers, config, lengths, scale, _sra_rows_triton)
