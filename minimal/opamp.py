@@ -182,7 +182,8 @@ class OpAmpCalibration(nn.Module):
                 kw = dict(attn_mask=allowed, is_causal=is_causal, scale=scaling)
                 out_plus = F.scaled_dot_product_attention(q1.float(), hooks.repeat_kv(k1, groups).float(), v, **kw)
                 out_minus = F.scaled_dot_product_attention(q2.float(), hooks.repeat_kv(k2, groups).float(), v, **kw)
-                out = ((self.K + 0.5) * out_plus - (self.K - 0.5) * out_minus).to(value.dtype)  # (B, H, T, D)
+                # = (K + 1/2) M+V - (K - 1/2) M-V, written so that equal maps give M+V exactly (no K-amplified rounding)
+                out = (out_plus + (self.K - 0.5) * (out_plus - out_minus)).to(value.dtype)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous()  # (B, T, H, D)
 
     def _map(self, q1, k1, q2, k2, allowed, scaling):
