@@ -145,32 +145,46 @@ def attention_statistics(model, input_ids, attention_mask=None, thresholds=(1e-3
 class Eliminate:
     """Calibration: attention with every probability below ``tau`` set to 0 (all steps).
 
-    ``out = (P * [P >= tau]) V``, P = softmax(Q K^T s + mask), computed ``block_rows`` query
-    rows at a time (memory O(rows x S)). Not renormalised unless ``renormalize=True``.
+    ``out = (P * [P >= tau]) V``, P = softmax(Q K^T s + mask), computed a block of query rows
+    at a time (a score tile of about ``tile`` numbers: memory O(T) per block, never (T, T)).
+    Not renormalised unless ``renormalize=True`` (then each row is divided by what is left).
     """
 
-    def __init__(self, tau: float, renormalize: bool = False, block_rows: int = 128):
+    def __init__(self, tau: float, renormalize: bool = False, tile: int = 2**20):
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
             raise ValueError(f"tau must be a number in [0, 1), got {tau!r}")
-        self.tau, self.renormalize, self.block_rows = float(tau), bool(renormalize), block_rows
+        self.tau, self.renormalize, self.tile = float(tau), bool(renormalize), tile
+
+    def _drop(self, p):
+        """Zero the probabilities below tau (in place); renormalise the rows if asked."""
+        p = p.masked_fill_(p < self.tau, 0.0)
+        if self.renormalize:
+            p = p.div_(p.sum(-1, keepdim=True).clamp_min(1e-30))
+        return p
 
     def probs(self, module, query, key, attention_mask, scaling=None, rows=None):
         p = hooks.attention_probs(module, query, key, attention_mask, scaling, rows)  # (B, H, R, S) fp32
-        p = torch.where(p < self.tau, torch.zeros_like(p), p)
-        if self.renormalize:
-            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        return p
+        return self._drop(p)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if self.tau == 0 and not self.renormalize:  # nothing to drop: the stock path
             out, _ = hooks.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
             return out
         B, H, T, D = query.shape
-        v = hooks.repeat_kv(value, H // value.shape[1]).float()  # (B, H, S, D)
+        Hkv, S = key.shape[1], key.shape[2]
+        G = H // Hkv  # query heads per KV head: they share one matmul, K and V are not repeated
+        scale = D**-0.5 if scaling is None else scaling
+        blocked = ~hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
+        kt = key.float().transpose(-1, -2).contiguous()  # (B, Hkv, D, S)
+        v = value.float()
         out = torch.empty(B, H, T, D, dtype=torch.float32, device=query.device)
-        for r0 in range(0, T, self.block_rows):
-            rows = torch.arange(r0, min(r0 + self.block_rows, T), device=query.device)
-            out[:, :, rows] = self.probs(module, query, key, attention_mask, scaling, rows) @ v
+        step = max(1, self.tile // (B * H * S))
+        for r0 in range(0, T, step):
+            r1 = min(r0 + step, T)
+            qb = (query[:, :, r0:r1].float() * scale).reshape(B, Hkv, G * (r1 - r0), D)
+            s = (qb @ kt).view(B, H, r1 - r0, S).masked_fill_(blocked[..., r0:r1, :], -math.inf)
+            p = self._drop(torch.softmax(s, -1).nan_to_num_(0.0))  # (B, H, rows, S)
+            out[:, :, r0:r1] = (p.view(B, Hkv, G * (r1 - r0), S) @ v).view(B, H, r1 - r0, D)
         return out.to(query.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)
 
     def __repr__(self):

@@ -438,7 +438,7 @@ def copy_loss(model, ids: torch.Tensor) -> torch.Tensor:
     token ``x1`` follows ``xn`` and cannot be read from the context, so it is left out [choice].
     """
     n = ids.shape[1] // 2
-    logits = model(ids[:, :-1]).logits[:, n:]  # (B, n-1, V): predictions of ids[:, n+1:]
+    logits = model(ids[:, :-1], logits_to_keep=n - 1).logits  # (B, n-1, V): positions n..2n-2
     return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, n + 1 :].flatten())
 
 
@@ -450,7 +450,7 @@ def copy_metrics(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
     losses, hits = [], []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size].to(device)
-        logits = model(chunk[:, :-1]).logits[:, n:].float()  # (b, n-1, V)
+        logits = model(chunk[:, :-1], logits_to_keep=n - 1).logits.float()  # (b, n-1, V)
         target = chunk[:, n + 1 :]
         losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none"))
         hits.append((logits.argmax(-1) == target).flatten())
@@ -571,11 +571,13 @@ def load_coefficients(path, model) -> dict[tuple[int, int], float]:
 
 
 @torch.no_grad()
-def latency_ratio(base, other, input_ids, *, attention_mask=None, repeats: int = 21, warmup: int = 2) -> dict:
-    """Median forward time of ``other`` over ``base`` on the same batch, timed side by side.
+def latency_ratio(base, other, input_ids, *, attention_mask=None, repeats: int = 11, warmup: int = 2) -> dict:
+    """Forward time of ``other`` relative to ``base`` on the same batch, timed side by side.
 
-    The two models alternate (ABBA order), so drifts of a shared machine hit both alike.
-    Returns ``{"base_s", "other_s", "ratio", "repeats"}`` (medians, seconds).
+    Each repeat times both models back to back (order alternating, ABBA), and gives one ratio
+    ``t_other / t_base``; the result is the median of those paired ratios, so that slow drifts
+    of a shared machine cancel. Returns ``{"ratio", "base_s", "other_s", "repeats"}`` (times:
+    medians, in seconds).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: need at least 1")
@@ -592,13 +594,17 @@ def latency_ratio(base, other, input_ids, *, attention_mask=None, repeats: int =
 
     for _ in range(warmup):
         run(base), run(other)
-    times = {"base": [], "other": []}
+    base_t, other_t = [], []
     for i in range(repeats):
-        order = ("base", "other") if i % 2 == 0 else ("other", "base")
-        for name in order:
-            times[name].append(run(base if name == "base" else other))
-    base_s, other_s = (sorted(t)[len(t) // 2] for t in (times["base"], times["other"]))
-    return {"base_s": base_s, "other_s": other_s, "ratio": other_s / base_s, "repeats": repeats}
+        if i % 2 == 0:
+            base_t.append(run(base))
+            other_t.append(run(other))
+        else:
+            other_t.append(run(other))
+            base_t.append(run(base))
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    ratio = median([o / b for o, b in zip(other_t, base_t)])
+    return {"ratio": ratio, "base_s": median(base_t), "other_s": median(other_t), "repeats": repeats}
 
 
 def plot_head_scores(result: HeadScores, heads=(), ax=None, title: str | None = None):

@@ -45,7 +45,7 @@ SIZES: dict[str, tuple] = {
     "cmrr_seeds": ((0,), (0,), (0, 1, 2)),  # training seeds
     # 05 scaled reattention
     "sra_text_tokens": (256, 2200, 2200),  # last tokens of data/text/facts_qa.txt (2194: all of it)
-    "sra_elim_per_ratio": (1, 8, 25),  # test_1hop questions per noise ratio, per elimination threshold
+    "sra_elim_per_ratio": (1, 6, 25),  # test_1hop questions per noise ratio, per elimination threshold
     "sra_sweep_examples": (6, 48, 150),  # train-split questions per (g, f) point of the sweep
     "sra_sweep_gains": ((4.0,), (2.0, 4.0, 8.0), (2.0, 4.0, 8.0)),  # g values swept
     "sra_sweep_factors": ((0.5,), (0.3, 0.5), (0.1, 0.3, 0.5)),  # f = f_inner = f_outer values swept
@@ -53,16 +53,17 @@ SIZES: dict[str, tuple] = {
     # 06 pear
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
                       ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's
-    "pear_compare_samples": (2, 10, 40),  # samples of the 2nd setting scored by both variants (mean vs path)
+    "pear_compare_samples": (2, 8, 40),  # samples of the 2nd setting scored by both variants (mean vs path)
     "pear_k": (5, 10, 10),  # headline top-k, fixed in advance
     "pear_k_sweep": ((5,), (5, 10, 20), (5, 10, 20)),  # k values trained and evaluated
-    "pear_train_sequences": (8, 160, 50000),  # copy sequences for tau (paper: 50,000)
+    "pear_train_sequences": (8, 80, 50000),  # copy sequences for tau (paper: 50,000)
     "pear_train_n": (10, 25, 50),  # their n (paper: 50)
-    "pear_train_batch": (4, 4, 32),  # sequences per step
+    "pear_train_batch": (4, 2, 32),  # sequences per step
     "pear_lr": (5e-3, 2.5e-2, 5e-3),  # AdamW lr: authors' 5e-3; cpu 5x, since it takes 40 steps, not ~1,500
-    "pear_eval_per_cell": (1, 20, 30),  # test_1hop questions per (noise 0.8/0.9, position) cell
+    "pear_eval_per_cell": (1, 20, 30),  # test_1hop questions per (noise 0.8/0.9, position) cell, base vs k
+    "pear_sweep_per_cell": (1, 10, 30),  # the first of those per cell, for the sweep of k
     "pear_held_out": (8, 32, 64),  # held-out copy sequences (copy accuracy before/after)
-    "pear_latency_repeats": (3, 21, 51),  # interleaved timings, folded vs base
+    "pear_latency_repeats": (3, 11, 51),  # interleaved timings, folded vs base
 }
 
 

@@ -138,7 +138,7 @@ def _sra_out_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         s, kv_idx, kv_mask = _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION)
-        v = tl.load(V + kv_base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_idx, mask=kv_mask, other=0.0)  # V is laid out like K
         allowed = _allowed(rows, cols, b, R, S, PAD)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)  # final softmax probabilities
 

@@ -78,7 +78,7 @@ def test_elimination_drops_small_probabilities_without_renormalising(tiny):
     P = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, -math.inf), -1)
     P = P.nan_to_num(0.0)
     for renorm in (False, True):
-        method = st.Eliminate(0.1, renormalize=renorm, block_rows=4)
+        method = st.Eliminate(0.1, renormalize=renorm, tile=2 * 4 * 9 * 4)  # 4-row blocks
         kept = P * (P >= 0.1)
         if renorm:
             kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
