@@ -1,5 +1,8 @@
-"""Command line: ``python -m minimal evaluate [--model NAME] [--test FILE] [--out DIR]``,
-``python -m minimal train-opamp --model NAME --K 10 --steps N --out DIR`` (see minimal/train.py).
+"""Command line:
+
+    python -m minimal compare --model NAME --methods base,lora,opamp,sra,pear --test FILE   (minimal/compare.py)
+    python -m minimal evaluate [--model NAME] [--test FILE] [--out DIR]
+    python -m minimal train-opamp --model NAME --K 10 --steps N --out DIR                   (minimal/train.py)
 
 ``evaluate`` scores a model on a noisy-context test set and prints accuracy by noise
 ratio and gold position (Wilson 95% intervals) with the attention mass on the gold
@@ -82,8 +85,10 @@ def main(argv=None) -> int:
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", default="results", help="output folder (default: %(default)s)")
     ev.set_defaults(func=cmd_evaluate)
+    from .compare import add_parser as add_compare
     from .train import add_parser as add_train_opamp
 
+    add_compare(sub)
     add_train_opamp(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -173,5 +173,6 @@ def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides):
     kw.update(overrides)
     config = AutoConfig.for_model(**kw)
     config._attn_implementation = "sdpa"
+    config._name_or_path = name  # so saved adapters and coefficients record which model they belong to
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .cost import latency_ratio  # noqa: F401  (pear.latency_ratio: folded vs base, notebook 06)
 
 # The paper's proxy settings: (n, samples) = (copy length, sequences of length 2n) [paper].
 SETTINGS = ((50, 20), (25, 40), (15, 80), (10, 100))
@@ -567,44 +568,7 @@ def load_coefficients(path, model) -> dict[tuple[int, int], float]:
     return check_coefficients(model, {(c["layer"], c["head"]): c["tau"] for c in record["coefficients"]})
 
 
-# ----------------------------------------------------------------------------- cost and plots
-
-
-@torch.no_grad()
-def latency_ratio(base, other, input_ids, *, attention_mask=None, repeats: int = 11, warmup: int = 2) -> dict:
-    """Forward time of ``other`` relative to ``base`` on the same batch, timed side by side.
-
-    Each repeat times both models back to back (order alternating, ABBA), and gives one ratio
-    ``t_other / t_base``; the result is the median of those paired ratios, so that slow drifts
-    of a shared machine cancel. Returns ``{"ratio", "base_s", "other_s", "repeats"}`` (times:
-    medians, in seconds).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: need at least 1")
-    cuda = input_ids.is_cuda
-
-    def run(model):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(input_ids=input_ids, attention_mask=attention_mask)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        run(base), run(other)
-    base_t, other_t = [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            base_t.append(run(base))
-            other_t.append(run(other))
-        else:
-            other_t.append(run(other))
-            base_t.append(run(base))
-    median = lambda xs: sorted(xs)[len(xs) // 2]
-    ratio = median([o / b for o, b in zip(other_t, base_t)])
-    return {"ratio": ratio, "base_s": median(base_t), "other_s": median(other_t), "repeats": repeats}
+# ----------------------------------------------------------------------------- plots
 
 
 def plot_head_scores(result: HeadScores, heads=(), ax=None, title: str | None = None):

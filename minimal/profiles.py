@@ -50,6 +50,8 @@ SIZES: dict[str, tuple] = {
     "sra_sweep_gains": ((4.0,), (2.0, 4.0, 8.0), (2.0, 4.0, 8.0)),  # g values swept
     "sra_sweep_factors": ((0.5,), (0.3, 0.5), (0.1, 0.3, 0.5)),  # f = f_inner = f_outer values swept
     "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
+    # 07 comparison (python -m minimal compare)
+    "compare_per_cell": (1, 6, 30),  # test_1hop questions per (noise, position) cell, every method
     # 06 pear
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
                       ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's
