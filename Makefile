@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml requirements.txt scripts/install_torch.sh
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
-## the main job: evaluate the default model on the shipped noisy-context test set
+## the main job: every method on the default model, same questions, accuracy and cost side by side
 demo: $(STAMP)
-	$(BIN)/python -m minimal evaluate
+	$(BIN)/python -m minimal compare
 
 ## the package tests, then every notebook under nbval, all with the smoke profile
 test: $(STAMP)

@@ -14,7 +14,7 @@ A *method* is a name, or names joined by ``+`` where they compose:
                                                 attention map), nor opamp+lora (opamp has LoRA)
 
 Trained weights live in ``weights/<model>/`` (``--weights``): ``lora/``, ``opamp/`` and
-``pear.json``. The repository ships them for the default model; for any other model they
+``pear.json`` (tensors stored in fp16, loaded into the model's dtype). The repository ships them for the default model; for any other model they
 are trained on first use with the recipe of the profile (notebooks 03 and 06), saved, and
 loaded from then on. Weights saved for another model are refused (a ValueError naming the
 mismatch), never silently used.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from dataclasses import asdict
 import time
@@ -113,6 +114,8 @@ def train_adapters(model_name: str, part: str, folder: Path, profile, progress: 
     if part == "opamp":
         save_opamp(model, folder / "adapters")
     model.save_pretrained(folder / "lora")
+    for path in folder.glob("*/*.safetensors"):
+        _store_half(path)
     record = dict(part=part, model=model_name, profile=profile.name, steps=steps, batch=batch, seed=SEED,
                   K=K if part == "opamp" else None, stride=profile.opamp_stride, lora_r=profile.opamp_lora_r,
                   seconds=history["seconds"], loss=history["loss"],
@@ -160,6 +163,20 @@ def ensure_weights(model_name: str, methods, root=None, profile=None, device: st
                 train_adapters(model_name, part, path.parent, profile, progress)
             records[part] = json.loads(path.read_text())
     return records
+
+
+def _store_half(path: Path) -> None:
+    """Rewrite a safetensors file with fp32 tensors in fp16: half the size on disk (the shipped
+    weights live in git). Loading copies them back into the model's dtype; the rounding (relative
+    5e-4) is far below what changes a greedy answer here."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- building a method
@@ -224,7 +241,7 @@ def _gold_ratio(records) -> float | None:
 
 
 def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="test_1hop", per_cell: int | None = None,
-            root=None, profile=None, device: str | None = None, repeats: int = 7, progress: bool = True) -> dict:
+            root=None, profile=None, device: str | None = None, progress: bool = True) -> dict:
     """Evaluate every method on the same test questions; cost measured against ``base``.
 
     Returns ``{"meta", "methods": {name: {"overall", "by_noise", "by_position", "gold_ratio",
@@ -244,13 +261,14 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="tes
     base, tokenizer = models.load_model(model_name, device=device)
     prompt = _cost_prompt(tokenizer, examples, device)
     sra_config = default_sra_config(tokenizer)
-    base_memory = cost.peak_memory_mb(lambda: base(prompt), device)
     results, start = {}, time.time()
     for name in names:
         model = base if name == "base" else build(name, model_name, root, device, sra_config)[0]
         records = evaluate.evaluate(model, tokenizer, examples, batch_size=profile.batch_size,
                                     max_new_tokens=profile.max_new_tokens, progress=progress, desc=name)
-        timing = cost.latency_ratio(base, model, prompt, repeats=repeats, warmup=1)
+        timing = cost.latency_ratio(base, model, prompt, repeats=profile.compare_repeats, warmup=1)
+        # after the timings (both warm), base then method, one right after the other
+        base_memory = cost.peak_memory_mb(lambda: base(prompt), device)
         memory = cost.peak_memory_mb(lambda: model(prompt), device)
         noisy = [r for r in records if r["noise_ratio"]]
         results[name] = dict(
@@ -259,12 +277,15 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="tes
             by_position=evaluate.accuracy_grid(noisy or records, by=("gold_position",)),
             gold_ratio=_gold_ratio(records),
             prefill=timing,
-            memory=dict(mb=memory, ratio=memory / base_memory if memory and base_memory else None),
+            memory=dict(mb=memory, base_mb=base_memory, ratio=memory / base_memory if memory and base_memory else None),
             training={p: training[p].get("seconds") for p in name.split("+") if p in training},
             records=records,
         )
         if model is not base:
             del model
+    if "base" in results:  # question by question against the base model
+        for m in results.values():
+            m["paired"] = paired(results["base"]["records"], m["records"])
     meta = dict(command="compare", model=model_name, methods=names, test=str(test), per_cell=per_cell,
                 n=len(examples), profile=profile.name, device=device, prompt_tokens=int(prompt.shape[1]),
                 sra=asdict(sra_config),
@@ -272,6 +293,22 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="tes
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if device == "cuda" else None)
     return dict(meta=meta, methods=results)
+
+
+def paired(base_records: list[dict], other_records: list[dict], metric: str = "lenient") -> dict:
+    """Question by question against the base model: how many the method fixes and breaks.
+
+    Both lists must hold the same questions in the same order. ``p_value`` is the exact
+    two-sided sign test (McNemar) on the discordant questions: the chance of a split at least
+    this uneven if fixing and breaking were equally likely.
+    """
+    if [r["id"] for r in base_records] != [r["id"] for r in other_records]:
+        raise ValueError("paired() needs the same questions in the same order for both methods")
+    fixed = sum(bool(o[metric]) and not b[metric] for b, o in zip(base_records, other_records))
+    broken = sum(bool(b[metric]) and not o[metric] for b, o in zip(base_records, other_records))
+    n, k = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
 
 
 # ----------------------------------------------------------------------------- output
@@ -302,7 +339,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<11} | {_pct(m['overall'])} {m['overall']['n']:>4} | {cells}")
 
     head = (f"{'method':<11} | " + " | ".join(f"gold {p}".center(17) for p in positions)
-            + " | gold/distr. | prefill | memory | training")
+            + " | vs base: fixed/broken (p) | gold/distr. | prefill | memory | training")
     lines += ["", "Noisy questions (noise > 0) by gold position; attention and cost", head, "-" * len(head)]
     for name, m in methods.items():
         pos = {r["gold_position"]: r for r in m["by_position"]}
@@ -310,13 +347,15 @@ def format_table(result: dict) -> str:
         gold = f"{m['gold_ratio']:.2f}x" if m["gold_ratio"] is not None else "n/a"
         memory = f"{m['memory']['ratio']:.2f}x" if m["memory"]["ratio"] is not None else "n/a"
         train = sum(s or 0 for s in m["training"].values())
-        lines.append(f"{name:<11} | {where} | {gold:^11} | {m['prefill']['ratio']:6.2f}x | {memory:>6} | "
+        vs = m.get("paired")
+        vs = f"+{vs['fixed']:<3} -{vs['broken']:<3} (p={vs['p_value']:.2f})" if vs else "n/a"
+        lines.append(f"{name:<11} | {where} | {vs:^25} | {gold:^11} | {m['prefill']['ratio']:6.2f}x | {memory:>6} | "
                      f"{_seconds(train):>8}")
     lines.append(
         f"\n{meta['model']} on {meta['test']}: {meta['per_cell']} questions per noise x position cell, n={meta['n']} "
         f"per method; profile {meta['profile']}; {meta['device']} ({meta['machine']}, {meta['threads']} threads); "
         f"{meta['date']}.\ngold/distr.: attention of the last prompt token per gold document over per distractor "
-        f"(mean over layers). prefill, memory: ratios to base on the longest test prompt ({meta['prompt_tokens']} "
+        f"(mean over layers). fixed/broken: questions the method gets right that base missed, and the reverse; p: exact sign test. prefill, memory: ratios to base on the longest test prompt ({meta['prompt_tokens']} "
         "tokens), timed side by side (median of paired ratios; base vs itself shows the noise).\ntraining: one-off, "
         "from the records of the weights used.")
     return "\n".join(lines)

@@ -13,7 +13,9 @@ def plot_accuracy(grid, x: str, group: str | None = None, ax=None, label: str | 
         rows = [r for r in grid if group is None or r[group] == g]
         xs = [r[x] for r in rows]
         ys = [100 * r["accuracy"] for r in rows]
-        err = [[100 * (r["accuracy"] - r["low"]) for r in rows], [100 * (r["high"] - r["accuracy"]) for r in rows]]
+        # max(0, .): the Wilson bounds can miss 0% or 100% by a rounding error
+        err = [[max(0.0, 100 * (r["accuracy"] - r["low"])) for r in rows],
+               [max(0.0, 100 * (r["high"] - r["accuracy"])) for r in rows]]
         name = label if group is None else f"{label + ' ' if label else ''}{group}={g}"
         ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=name)
     ax.set_xlabel(x.replace("_", " "))

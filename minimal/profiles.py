@@ -52,6 +52,7 @@ SIZES: dict[str, tuple] = {
     "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
     # 07 comparison (python -m minimal compare)
     "compare_per_cell": (1, 6, 30),  # test_1hop questions per (noise, position) cell, every method
+    "compare_repeats": (3, 11, 21),  # paired prefill timings per method (median ratio to base)
     # 06 pear
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
                       ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's
