@@ -41,8 +41,8 @@ SIZES: dict[str, tuple] = {
     "cmrr_values": ((10,), (1, 5, 10, 20), (1, 5, 10, 20)),  # K values
     "cmrr_train_steps": (1, 12, 300),  # steps per run (every K and the LoRA-only control), batch opamp_train_batch
     "cmrr_train_noise": (0.8, 0.8, 0.8),  # every run trains at this one noise ratio; tests span all of them
-    "cmrr_eval_per_cell": (1, 4, 30),  # test_1hop questions per (noise, position) cell
-    "cmrr_seeds": ((0,), (0,), (0, 1, 2)),  # training seeds
+    "cmrr_eval_per_cell": (1, 6, 30),  # test_1hop questions per (noise, position) cell
+    "cmrr_seeds": ((0,), (0, 1), (0, 1, 2)),  # training seeds
     # 05 scaled reattention
     "sra_text_tokens": (256, 2200, 2200),  # last tokens of data/text/facts_qa.txt (2194: all of it)
     "sra_elim_per_ratio": (1, 6, 25),  # test_1hop questions per noise ratio, per elimination threshold
