@@ -348,7 +348,7 @@ def format_table(result: dict) -> str:
         memory = f"{m['memory']['ratio']:.2f}x" if m["memory"]["ratio"] is not None else "n/a"
         train = sum(s or 0 for s in m["training"].values())
         vs = m.get("paired")
-        vs = f"+{vs['fixed']:<3} -{vs['broken']:<3} (p={vs['p_value']:.2f})" if vs else "n/a"
+        vs = f"+{vs['fixed']:<3} -{vs['broken']:<3} (p={vs['p_value']:.2g})" if vs else "n/a"
         lines.append(f"{name:<11} | {where} | {vs:^25} | {gold:^11} | {m['prefill']['ratio']:6.2f}x | {memory:>6} | "
                      f"{_seconds(train):>8}")
     lines.append(

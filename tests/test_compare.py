@@ -96,3 +96,15 @@ def test_bad_test_file_names_line_and_field(tmp_path):
     bad.write_text(json.dumps(example) + "\n" + json.dumps(dict(example, gold=[99])) + "\n")
     with pytest.raises(ValueError, match="line 2.*gold"):
         compare.compare(TINY, "base", bad, per_cell=1, progress=False)
+
+
+def test_paired_counts_and_sign_test():
+    rec = lambda i, ok: {"id": i, "lenient": ok}
+    base = [rec(i, ok) for i, ok in enumerate([1] * 14 + [0] * 2 + [1] * 3 + [0] * 5)]
+    other = [rec(i, ok) for i, ok in enumerate([0] * 14 + [1] * 2 + [1] * 3 + [0] * 5)]
+    p = compare.paired(base, other)
+    assert (p["fixed"], p["broken"]) == (2, 14)
+    assert abs(p["p_value"] - 2 * (1 + 16 + 120) / 2**16) < 1e-12  # exact binomial, n = 16 discordant
+    assert compare.paired(base, base) == {"fixed": 0, "broken": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same questions"):
+        compare.paired(base, other[::-1])
