@@ -150,8 +150,34 @@ class OpAmpCalibration(nn.Module):
 
     def adapt(self, query, key):
         """(q1, k1, q2, k2) from query (B, H, T, D) and key (B, Hkv, S, D)."""
-        return (self._heads(query, self.q1), self._heads(key, self.k1),
-                self._heads(query, self.q2), self._heads(key, self.k2))
+        k1, k2 = self.adapt_keys(key)
+        return self._heads(query, self.q1), k1, self._heads(query, self.q2), k2
+
+    def adapt_keys(self, key):
+        """(k1, k2) from key (B, Hkv, S, D), reusing the last call's work while decoding.
+
+        With a KV cache, each decoding step sees all keys so far: the previous call's keys plus
+        the new ones. The adapters act on every position alone, so in inference (eval mode, no
+        grad) only the new positions are adapted and the earlier results reused, after checking
+        that the first positions really are the previous call's keys (same batch, equal values);
+        anything else (a new prompt, a reordered beam, training) adapts every position.
+        """
+        seen = getattr(self, "_seen", None)
+        inference = not self.training and not torch.is_grad_enabled()
+        if inference and seen is not None:
+            raw, k1, k2 = seen
+            n = raw.shape[2]
+            same_start = key.shape[:2] == raw.shape[:2] and key.shape[2] > n and key.device == raw.device
+            if same_start and torch.equal(key[:, :, :n], raw):
+                new = key[:, :, n:]  # (B, Hkv, S - n, D)
+                k1 = torch.cat([k1, self._heads(new, self.k1)], dim=2)
+                k2 = torch.cat([k2, self._heads(new, self.k2)], dim=2)
+                self._seen = (key, k1, k2)
+                return k1, k2
+        k1, k2 = self._heads(key, self.k1), self._heads(key, self.k2)
+        # keep a reference (no copy): transformers' dynamic cache builds a new key tensor each step
+        self._seen = (key, k1, k2) if inference else None
+        return k1, k2
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """OpAmp attention for the hook: query (B, H, T, D), key/value (B, Hkv, S, D) -> (B, T, H, D)."""

@@ -214,3 +214,20 @@ def test_bad_input_is_a_clear_error():
         model_type="gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="q_proj"):
         add_opamp(gpt2)
+
+
+def test_decoding_reuses_adapted_keys_only_when_the_prefix_is_the_same():
+    torch.manual_seed(0)
+    cal = OpAmpCalibration(num_heads=4, num_kv_heads=2, head_dim=8).eval()
+    for a in (cal.k1, cal.k2):
+        torch.nn.init.normal_(a.w_up.weight, std=0.1)
+    key = torch.randn(2, 2, 7, 8)
+    fresh = lambda k: (cal._heads(k, cal.k1), cal._heads(k, cal.k2))
+    with torch.no_grad():
+        cal.adapt_keys(key[:, :, :5])
+        step = cal.adapt_keys(key)  # the same first 5 positions: only 2 adapted, 5 reused
+        other = key.clone()
+        other[1, 0, 2] += 1.0       # another prefix: everything adapted again
+        changed = cal.adapt_keys(other)
+    for got, want in zip(step + changed, fresh(key) + fresh(other)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
