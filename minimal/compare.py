@@ -426,7 +426,12 @@ def cli(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    profile = get_profile(args.profile)
+    try:  # the user's mistakes, before any model is loaded: a message, not a traceback
+        parse_methods(args.methods)
+        data.load_test_set(args.test)
+        profile = get_profile(args.profile)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"python -m minimal compare: error: {err}") from None
     result = compare(args.model, args.methods, args.test, args.per_cell, args.weights, profile, args.device)
     print()
     print(format_table(result))

@@ -108,3 +108,12 @@ def test_paired_counts_and_sign_test():
     assert compare.paired(base, base) == {"fixed": 0, "broken": 0, "p_value": 1.0}
     with pytest.raises(ValueError, match="same questions"):
         compare.paired(base, other[::-1])
+
+
+def test_command_line_mistakes_get_a_message_not_a_traceback():
+    from minimal.__main__ import main
+
+    for argv, words in [(["--methods", "base,attn"], "known methods are"),
+                        (["--test", "nope.jsonl"], "no test set"), (["--profile", "huge"], "huge")]:
+        with pytest.raises(SystemExit, match=words):
+            main(["compare", *argv])
