@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 
 import torch
 
@@ -191,22 +190,9 @@ class Eliminate:
         return f"Eliminate(tau={self.tau:g}, renormalize={self.renormalize})"
 
 
-@contextmanager
 def eliminate(model, tau: float, renormalize: bool = False):
     """``with eliminate(model, 1e-2): ...``: every layer drops probabilities below tau."""
-    method = Eliminate(tau, renormalize)
-    modules = hooks.install(model)
-    for m in modules:
-        if getattr(m, "calibration", None) is not None:
-            raise ValueError(f"layer {m.layer_idx} already carries a calibration; remove it first")
-    for m in modules:
-        m.calibration = method
-    try:
-        yield method
-    finally:
-        for m in modules:
-            if getattr(m, "calibration", None) is method:
-                del m.calibration
+    return hooks.calibrated(model, Eliminate(tau, renormalize))
 
 
 def elimination_curve(model, tokenizer, taus, *, text_ids, answer_mask=None, examples=(), renormalize: bool = False,

@@ -231,15 +231,6 @@ def _cost_prompt(tokenizer, examples, device):
     return ids
 
 
-def _gold_ratio(records) -> float | None:
-    noisy = [r for r in records if r.get("num_distractors", 0) > 0 and r.get("distractor_mass_per_doc")]
-    if not noisy:
-        return None
-    layers = evaluate.attention_by_layer(noisy)
-    gold, other = torch.tensor(layers["gold_per_doc"]).mean(), torch.tensor(layers["distractors_per_doc"]).mean()
-    return float(gold / other)
-
-
 def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="test_1hop", per_cell: int | None = None,
             root=None, profile=None, device: str | None = None, progress: bool = True) -> dict:
     """Evaluate every method on the same test questions; cost measured against ``base``.
@@ -275,7 +266,7 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="tes
             overall=evaluate.accuracy_grid(records, by=())[0],
             by_noise=evaluate.accuracy_grid(records, by=("noise_ratio",)),
             by_position=evaluate.accuracy_grid(noisy or records, by=("gold_position",)),
-            gold_ratio=_gold_ratio(records),
+            gold_ratio=evaluate.gold_attention_ratio(records),
             prefill=timing,
             memory=dict(mb=memory, base_mb=base_memory, ratio=memory / base_memory if memory and base_memory else None),
             training={p: training[p].get("seconds") for p in name.split("+") if p in training},

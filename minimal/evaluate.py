@@ -201,6 +201,17 @@ def attention_by_layer(records: list[dict]) -> dict:
     return out
 
 
+def gold_attention_ratio(records: list[dict]) -> float | None:
+    """Per document, attention on the gold document over attention on a distractor: the means
+    over layers of ``attention_by_layer``'s per-document profiles, on the noisy records. None
+    when no record has both (no distractors, or evaluated with attention=False)."""
+    noisy = [r for r in records if r.get("distractor_mass_per_doc") is not None]
+    if not noisy:
+        return None
+    layers = attention_by_layer(noisy)
+    return float(torch.tensor(layers["gold_per_doc"]).mean() / torch.tensor(layers["distractors_per_doc"]).mean())
+
+
 def format_grid(grid: list[dict], rows: str = "noise_ratio", cols: str = "gold_position", title: str = "") -> str:
     """A text table: one line per ``rows`` value, one column per ``cols`` value,
     each cell ``accuracy% [low-high] (n)``; a last column with the row's gold attention."""

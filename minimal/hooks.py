@@ -225,3 +225,26 @@ def capture_attention(model, *, spans=None, rows=None, full=False, layers=None, 
         for m in chosen:
             if getattr(m, "attention_capture", None) is capture:
                 del m.attention_capture
+
+
+@contextmanager
+def calibrated(model, method):
+    """Route every layer's attention through ``method`` inside the ``with`` block.
+
+    >>> with calibrated(model, Eliminate(1e-2)):
+    ...     model(input_ids)
+
+    Raises ValueError if a layer already carries another calibration (remove it first).
+    """
+    modules = install(model)
+    for m in modules:
+        if getattr(m, "calibration", None) is not None:
+            raise ValueError(f"layer {m.layer_idx} already carries a calibration; remove it first")
+    for m in modules:
+        m.calibration = method
+    try:
+        yield method
+    finally:
+        for m in modules:
+            if getattr(m, "calibration", None) is method:
+                del m.calibration

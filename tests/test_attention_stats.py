@@ -6,22 +6,15 @@ import pytest
 import torch
 
 from minimal import attention_stats as st
-from minimal import hooks, load_model
-from minimal.models import tiny_model
+from minimal import hooks
 
 TEXTS = ["Alice Smith lives in Paris. Bob Jones lives in Rome. Carol King lives in Oslo. Where does Bob live?",
          "Hello there, Eve."]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = tiny_model("tiny-llama")
-    with torch.no_grad():  # sharper than random-uniform maps, so every band is populated
-        for m in hooks.attention_modules(model):
-            m.q_proj.weight.mul_(6.0)
-            m.k_proj.weight.mul_(6.0)
-    _, tok = load_model("tiny-llama")
-    return model, tok
+def tiny(sharp_tiny):
+    return sharp_tiny(6.0)  # sharp maps, so every band is populated
 
 
 def _full_maps(model, enc):

@@ -86,3 +86,16 @@ def test_evaluate_refuses_an_empty_set():
     model, tok = load_model("tiny-llama")
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, tok, [])
+
+
+def test_gold_attention_ratio_is_the_ratio_of_layer_means():
+    records = [
+        {"gold_mass_per_doc": [0.2, 0.4], "distractor_mass_per_doc": [0.1, 0.1]},
+        {"gold_mass_per_doc": [0.4, 0.2], "distractor_mass_per_doc": [0.3, 0.1]},
+        {"gold_mass_per_doc": [0.9, 0.9], "distractor_mass_per_doc": None},  # no distractors: left out
+    ]
+    # gold: mean over records then layers = 0.3; distractors: 0.15
+    from minimal.evaluate import gold_attention_ratio
+
+    assert abs(gold_attention_ratio(records) - 2.0) < 1e-6
+    assert gold_attention_ratio(records[2:]) is None

@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from minimal import hooks, load_model, sra
-from minimal.models import tiny_model
+from minimal import hooks, sra
 from minimal.sra import SRAConfig
 
 # ----------------------------------------------------------------------------------------
@@ -271,14 +270,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = tiny_model("tiny-llama", num_hidden_layers=4)  # 4 layers: both passes occur
-    with torch.no_grad():  # random weights give near-uniform maps; sharpen them so SRA acts
-        for m in hooks.attention_modules(model):
-            m.q_proj.weight.mul_(8.0)
-            m.k_proj.weight.mul_(8.0)
-    _, tok = load_model("tiny-llama")
-    return model, tok
+def tiny(sharp_tiny):
+    return sharp_tiny(8.0, num_hidden_layers=4)  # 4 layers: both passes occur; sharp maps, so SRA acts
 
 
 def _logits(model, enc):
