@@ -226,9 +226,9 @@ def default_sra_config(tokenizer, **factors) -> sra.SRAConfig:
 
 
 def _cost_prompt(tokenizer, examples, device):
+    """The prompt of the example with the most documents, as a batch of one: (1, T)."""
     longest = max(examples, key=lambda e: len(e["documents"]))
-    ids = data.build_prompt(tokenizer, longest).input_ids[None].to(device)  # (1, T)
-    return ids
+    return data.build_prompt(tokenizer, longest).input_ids[None].to(device)
 
 
 def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="test_1hop", per_cell: int | None = None,
@@ -236,11 +236,12 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="tes
     """Evaluate every method on the same test questions; cost measured against ``base``.
 
     Returns ``{"meta", "methods": {name: {"overall", "by_noise", "by_position", "gold_ratio",
-    "prefill", "memory", "training"}}}``: accuracies as :func:`minimal.evaluate.accuracy_grid`
+    "prefill", "memory", "training", "paired", "records"}}}``: accuracies as :func:`minimal.evaluate.accuracy_grid`
     rows; ``gold_ratio`` the per-document attention on the gold document over a distractor
     (mean over layers, noisy questions); ``prefill`` the paired time ratio to base;
     ``memory`` the peak prefill memory (MiB) and its ratio to base; ``training`` the one-off
-    training seconds of the weights used (from their records).
+    training seconds of the weights used (from their records); ``paired`` the questions fixed
+    and broken against base (:func:`paired`, when base is among the methods).
     """
     names = parse_methods(methods)
     profile = profile or get_profile()
