@@ -87,6 +87,8 @@ def _slug(model_name: str) -> str:
 
 def weights_dir(model_name: str, root=None) -> Path:
     """Where the trained weights of ``model_name`` live: ``<root>/<model name, '/' as '--'>``."""
+    if models.default_model_source(model_name):  # the default model, from the GGUF copy or the Hub alike
+        model_name = models.DEFAULT_MODEL
     return Path(root or WEIGHTS_DIR) / _slug(model_name)
 
 
@@ -209,10 +211,9 @@ def _load_lora(model, path: Path, model_name: str):
 
     if not (path / "adapter_config.json").exists():
         raise ValueError(f"{path} holds no LoRA weights (adapter_config.json): run ensure_weights first")
-    saved = Path(PeftConfig.from_pretrained(str(path)).base_model_name_or_path or "").name
-    here = Path(pear.model_id(model)).name
-    if saved and saved != here:
-        raise ValueError(f"LoRA weights in {path} were saved for model {saved!r}, this is {here!r} ({model_name})")
+    saved = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if saved:
+        models.check_same_model(saved, model, f"LoRA weights in {path}")
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 

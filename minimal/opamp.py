@@ -41,6 +41,7 @@ from torch import nn
 
 from . import hooks
 from .attention import opamp_combine
+from .models import check_same_model, model_name
 
 __all__ = [
     "Adapter",
@@ -332,10 +333,6 @@ def remove_opamp(model) -> None:
 # ----------------------------------------------------------------------------- save and load
 
 
-def _model_name(model) -> str:
-    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", ""))
-
-
 def save_opamp(model, directory) -> Path:
     """Write ``adapters.safetensors`` (the adapters only) and ``opamp_config.json``."""
     from safetensors.torch import save_file
@@ -348,7 +345,7 @@ def save_opamp(model, directory) -> Path:
     tensors = {f"layers.{i}.{name}": t.detach().cpu().contiguous()
                for i, cal in layers.items() for name, t in cal.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE))
-    config = dict(getattr(model, "_opamp_config", {}), layers=sorted(layers), model=_model_name(model), **_shape(model))
+    config = dict(getattr(model, "_opamp_config", {}), layers=sorted(layers), model=model_name(model), **_shape(model))
     config["K"] = next(iter(layers.values())).K
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return directory
@@ -372,9 +369,8 @@ def load_opamp(model, directory, check_model_name: bool = True) -> dict[int, OpA
         if saved.get(key) != value:
             raise ValueError(f"adapters in {directory} were saved for {key}={saved.get(key)!r}, "
                              f"this model has {key}={value!r}")
-    if check_model_name and Path(saved.get("model", "")).name != Path(_model_name(model)).name:
-        raise ValueError(f"adapters in {directory} were saved for model {saved.get('model')!r}, this is "
-                         f"{_model_name(model)!r} (pass check_model_name=False if they are the same weights)")
+    if check_model_name:
+        check_same_model(saved.get("model", ""), model, f"OpAmp adapters in {directory}")
 
     layers = opamp_layers(model)
     if not layers:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .models import check_same_model, model_name
 from .cost import latency_ratio  # noqa: F401  (pear.latency_ratio: folded vs base, notebook 06)
 
 # The paper's proxy settings: (n, samples) = (copy length, sequences of length 2n) [paper].
@@ -110,13 +111,8 @@ def geometry(model) -> tuple[int, int, int]:
 
 
 def model_id(model) -> str:
-    """A name for the model that survives moving it: the Hub id, or a local folder's name,
-    or ``<model_type>-random`` for a model built from a config (the tiny test models)."""
-    name = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-    if not name:
-        return f"{model.config.model_type}-random"
-    path = Path(name)
-    return path.name if path.is_absolute() or path.exists() else name
+    """The name the coefficients are saved under (``minimal.models.model_name``)."""
+    return model_name(model)
 
 
 def check_heads(model, heads) -> list[tuple[int, int]]:
@@ -559,7 +555,8 @@ def load_coefficients(path, model) -> dict[tuple[int, int], float]:
     for another model (id, type, layers, heads or head size differ)."""
     record = json.loads(Path(path).read_text())
     num_layers, num_heads, head_dim = geometry(model)
-    expected = {"model": model_id(model), "model_type": model.config.model_type,
+    check_same_model(record.get("model", ""), model, f"PEAR coefficients in {path}")
+    expected = {"model_type": model.config.model_type,
                 "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim}
     differ = {k: (record.get(k), v) for k, v in expected.items() if record.get(k) != v}
     if differ:

@@ -59,3 +59,31 @@ def test_unsupported_family_is_refused():
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ValueError, match="not supported"):
         check_supported(gpt2)
+
+
+def test_shipped_weights_follow_the_model_not_the_file(capsys):
+    """The weights in weights/smollm2-135m/ were trained on the GGUF copy; the Hub checkpoint of the
+    same model (its name is all that differs for the loaders: played here by renaming the GGUF copy,
+    since tests never download) takes them too, and says so; another model is refused."""
+    from minimal import compare, models, opamp, pear
+
+    folder = compare.weights_dir(models.DEFAULT_HUB_ID)
+    assert folder == compare.weights_dir("smollm2-135m")  # one folder, whichever name is asked for
+    model, tok = load_model()
+    assert models.default_model_source(model) == "gguf"
+    model.config._name_or_path = models.DEFAULT_HUB_ID  # as load_model(source="hub") names it
+    assert models.default_model_source(model) == "hub"
+    coefficients = pear.load_coefficients(folder / "pear.json", model)
+    assert len(coefficients) == 10
+    layers = opamp.load_opamp(model, folder / "opamp" / "adapters")
+    assert any(cal.q1.w_up.weight.abs().sum() > 0 for cal in layers.values())  # trained, not the zero init
+    fresh, _ = load_model()
+    fresh.config._name_or_path = models.DEFAULT_HUB_ID
+    compare._load_lora(fresh, folder / "lora" / "lora", "smollm2-135m")
+    assert "trained on the offline GGUF copy" in capsys.readouterr().out
+
+    other, _ = load_model("tiny-llama")
+    with pytest.raises(ValueError, match="saved for model 'smollm2-135m-instruct-q4_1', this model is 'tiny-llama'"):
+        pear.load_coefficients(folder / "pear.json", other)
+    with pytest.raises(ValueError, match="saved for model"):
+        models.check_same_model("Qwen/Qwen2.5-0.5B-Instruct", model, "weights")
