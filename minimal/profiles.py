@@ -15,6 +15,7 @@ the profile reads it through :func:`get_profile`, here and nowhere else:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -23,20 +24,21 @@ PROFILE_NAMES = ("smoke", "cpu", "gpu")
 # Every size, as (smoke, cpu, gpu). One line per knob, grouped by the notebook that uses it.
 SIZES: dict[str, tuple] = {
     # evaluation (00, python -m minimal evaluate, and every later notebook's test runs)
-    "examples_per_cell": (2, 30, 50),  # test examples per (noise ratio, gold position) cell
+    "examples_per_cell": (2, 30, 30),  # test examples per (noise ratio, gold position) cell (the files hold 30)
     "batch_size": (8, 8, 32),  # generation batch size
     "max_new_tokens": (20, 20, 20),  # SmolLM2 answers in a sentence, and a year takes 4 tokens
     # 00 the problem
     "distractor_counts": ((0, 3), (0, 1, 3, 7, 15), (0, 1, 3, 7, 15)),  # accuracy-vs-distractors sweep
     "examples_per_count": (4, 40, 40),  # examples per point of that sweep (the shipped file has 40)
     # 03 opamp adaptation (and 04 cmrr ablation)
-    "opamp_model": ("smollm2-135m", "smollm2-135m", "Qwen/Qwen2.5-0.5B-Instruct"),  # gpu: QLoRA 4-bit
+    "opamp_model": ("smollm2-135m", "smollm2-135m", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qlora": (False, False, True),  # 4-bit NF4 base model for training (needs CUDA and bitsandbytes)
     "opamp_stride": (3, 3, 1),  # OpAmp on every stride-th layer (authors: 2 Llama, 3 Qwen, 1 in eval)
     "opamp_lora_r": (8, 8, 64),  # LoRA rank (spec 64; scaled down on CPU for speed)
     "opamp_lora_alpha": (16, 16, 16),  # LoRA alpha (spec 16)
     "opamp_train_batch": (2, 4, 8),  # training micro-batch
     "opamp_train_steps": (1, 24, 500),  # optimizer steps, same for OpAmp+LoRA and LoRA-only
-    "opamp_eval_per_cell": (1, 8, 50),  # test_1hop questions per (noise, position) cell
+    "opamp_eval_per_cell": (1, 8, 30),  # test_1hop questions per (noise, position) cell
     # 04 cmrr ablation
     "cmrr_values": ((10,), (1, 5, 10, 20), (1, 5, 10, 20)),  # K values
     "cmrr_train_steps": (1, 12, 300),  # steps per run (every K and the LoRA-only control), batch opamp_train_batch
@@ -94,3 +96,28 @@ def get_profile(name: str | None = None) -> Profile:
     if name not in PROFILE_NAMES:
         raise ValueError(f"MINIMAL_PROFILE={name!r} is not a profile; choose one of {', '.join(PROFILE_NAMES)}")
     return Profile(name)
+
+
+TRITON_MISSING = ("needs Triton, which has Linux wheels only (pip install triton; on macOS and Windows there is "
+                  "none): everything else in minimal runs on the PyTorch reference")
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` can work here (it is not imported)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_kernel_dtype(dtype, interpreted: bool) -> None:
+    """ValueError for bfloat16 where a Triton kernel cannot compute it: under the interpreter
+    (its bf16 ``tl.dot`` multiplies raw bit patterns) and on GPUs older than sm_80 (Colab's T4)."""
+    import torch
+
+    if dtype != torch.bfloat16:
+        return
+    if interpreted:
+        raise ValueError("bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
+                         "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU.")
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {torch.cuda.get_device_name()} "
+                         f"is {major}.{minor}: use float16 (minimal.models.compute_dtype picks it)")

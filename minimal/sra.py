@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from . import hooks
 from .attention import attention_probs, check_opamp_inputs
+from .profiles import triton_available
 
 __all__ = [
     "SRAConfig",
@@ -538,7 +539,7 @@ class SRA:
         self._warn_short(lengths, layer, L)
         if not any(passes(n, layer, L, self.config) for n in lengths):
             return self._plain(module, query, key, value, attention_mask, scaling, **kwargs)
-        impl = self.impl or ("triton" if query.is_cuda else "blocked")
+        impl = self.impl or ("triton" if query.is_cuda and triton_available() else "blocked")
         if impl == "eager":
             fn = sra_attention_eager
         elif impl == "blocked":

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .models import compute_dtype
 from .opamp import opamp_parameters
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "encode_example",
     "collate",
     "prepare_for_training",
+    "check_qlora",
     "load_model_4bit",
     "train",
     "adapt",
@@ -155,16 +157,23 @@ def prepare_for_training(model, lora: bool = True, r: int = 64, alpha: int = 16,
     return model
 
 
+def check_qlora() -> None:
+    """ValueError unless 4-bit QLoRA can run here: a CUDA GPU and bitsandbytes."""
+    if not torch.cuda.is_available():
+        raise ValueError("4-bit QLoRA needs a CUDA GPU (bitsandbytes NF4); on CPU train in full precision "
+                         "(without --qlora; the smoke and cpu profiles do)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes (the notebooks' setup cell "
+                         "installs it on a GPU runtime)")
+
+
 def load_model_4bit(name: str = "Qwen/Qwen2.5-0.5B-Instruct"):
     """``(model, tokenizer)`` with NF4 4-bit weights and double quantisation (QLoRA), on CUDA.
 
     Add OpAmp afterwards: the adapters are created after quantisation, so they stay fp32.
     Raises ValueError without CUDA or without bitsandbytes.
     """
-    if not torch.cuda.is_available():
-        raise ValueError("4-bit QLoRA needs a CUDA GPU (bitsandbytes NF4); on CPU train in fp32 without --qlora")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes")
+    check_qlora()
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -176,9 +185,9 @@ def load_model_4bit(name: str = "Qwen/Qwen2.5-0.5B-Instruct"):
     if name == models.DEFAULT_MODEL:
         path = str(models._offline_folder()) if models.gguf_available() else models.DEFAULT_HUB_ID
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=models.compute_dtype("cuda"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # one GPU per process under accelerate launch
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=models.compute_dtype("cuda"),
                                                  device_map={"": local_rank})
     tokenizer = AutoTokenizer.from_pretrained(path)
     models.check_supported(model)
@@ -198,8 +207,9 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
 
     One step: ``grad_accum`` micro-batches of ``batch_size`` examples (cycling through
     ``examples`` in a seeded shuffled order), loss = mean cross-entropy over answer tokens,
-    then clip the gradient norm, AdamW, cosine learning rate after a linear warm-up. bf16
-    autocast on CUDA. ``accelerator``: an ``accelerate.Accelerator`` for several GPUs (each
+    then clip the gradient norm, AdamW, cosine learning rate after a linear warm-up. Autocast
+    on CUDA to ``models.compute_dtype`` (bf16, or fp16 with a gradient scaler on older GPUs).
+    ``accelerator``: an ``accelerate.Accelerator`` for several GPUs (each
     process takes every world_size-th example). The model is left in eval mode.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -217,7 +227,12 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
     warmup = math.ceil(config.warmup * config.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
     if accelerator is not None:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if len(examples) < accelerator.num_processes:  # the same test on every process: all raise or none
+            raise ValueError(f"{len(examples)} examples for {accelerator.num_processes} processes: "
+                             "each process needs at least one")
+        # The scheduler stays ours: accelerate's wrapper would step it once per process at every
+        # optimizer step, but config.steps already counts the steps each process takes.
+        model, optimizer = accelerator.prepare(model, optimizer)
         examples = examples[accelerator.process_index :: accelerator.num_processes]
         device = accelerator.device
         progress = progress and accelerator.is_main_process
@@ -234,6 +249,8 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
         return [t.to(device) for t in batch]
 
     use_autocast = device.type == "cuda" and accelerator is None  # accelerate handles its own precision
+    amp_dtype = compute_dtype(device)  # bf16 where the GPU has it, else fp16 (Colab's T4)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_autocast and amp_dtype == torch.float16)  # fp16 needs it
     history = {"loss": [], "lr": []}
     start = time.time()
     model.train()
@@ -242,19 +259,21 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
         total = 0.0
         for _ in range(config.grad_accum):
             input_ids, mask, labels = next_batch()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_autocast):
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss / config.grad_accum
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
-                loss.backward()
+                scaler.scale(loss).backward()
             total += loss.item()
         if accelerator is not None:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         else:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         history["lr"].append(scheduler.get_last_lr()[0])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         history["loss"].append(total)
@@ -279,7 +298,8 @@ def adapt(model_name: str, examples: list[dict], config: TrainConfig, *, K=None,
     if qlora:
         model, tokenizer = load_model_4bit(model_name)
     else:
-        model, tokenizer = load_model(model_name, device="cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model(model_name, device=device, dtype=torch.float32)  # fp32 master weights
     torch.manual_seed(config.seed)
     if K is not None:
         add_opamp(model, K=K, stride=stride)
@@ -350,6 +370,9 @@ def cli_train_opamp(argv=None) -> int:
 
 
 def _run(args) -> int:
+    import contextlib
+    import hashlib
+
     from . import evaluate
     from .models import load_model
     from .opamp import add_opamp, save_opamp
@@ -358,15 +381,19 @@ def _run(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
         from accelerate import Accelerator
 
-        accelerator = Accelerator(gradient_accumulation_steps=1)
+        # Without CUDA, the processes talk over gloo on the CPU (accelerate would otherwise
+        # leave each one training alone).
+        accelerator = Accelerator(gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
     main = accelerator is None or accelerator.is_main_process
-    if args.qlora:
-        model, tokenizer = load_model_4bit(args.model)
-    else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if accelerator is not None:
-            device = accelerator.device
-        model, tokenizer = load_model(args.model, device=device)
+    # The main process loads first: a first use may write the model cache, which must not be raced.
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        if args.qlora:
+            model, tokenizer = load_model_4bit(args.model)
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            if accelerator is not None:
+                device = accelerator.device
+            model, tokenizer = load_model(args.model, device=device, dtype=torch.float32)  # fp32 master weights
     torch.manual_seed(args.seed)
     if not args.no_opamp:
         add_opamp(model, K=args.K, adapter_dim=args.adapter_dim, stride=args.stride)
@@ -383,8 +410,27 @@ def _run(args) -> int:
     history = train(model, tokenizer, examples, config, accelerator=accelerator)
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
+
+    # Every process hashes its own trainable weights (names, dtypes, shapes and bytes); the
+    # hashes are gathered, so the main process can tell whether all copies ended identical.
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name} {t.dtype} {tuple(p.shape)}\n".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    fingerprint = torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64)  # 32 bytes as 4 int64
+    if accelerator is not None:
+        fingerprint = accelerator.gather(fingerprint.to(accelerator.device)).cpu()
+    fingerprints = [row.numpy().tobytes().hex() for row in fingerprint.reshape(-1, 4)]  # one per process
     if not main:
         return 0
+    identical = len(set(fingerprints)) == 1
+    if len(fingerprints) > 1:
+        print(f"trainable weights identical on all {len(fingerprints)} processes: {identical} "
+              f"(sha256 {', '.join(f[:12] for f in fingerprints)})")
+        if not identical:
+            print("WARNING: the processes' weights differ; the saved ones are the main process's")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +438,9 @@ def _run(args) -> int:
         save_opamp(model, out / "adapters")
     if not args.no_lora:
         model.save_pretrained(out / "lora")
-    metrics = dict(args=vars(args), config=asdict(config), trainable_parameters=trainable, **history)
+    metrics = dict(args=vars(args), config=asdict(config), trainable_parameters=trainable, **history,
+                   processes=len(fingerprints), weights_sha256_per_process=fingerprints,
+                   weights_identical_on_all_processes=identical)
     if args.eval_per_cell:
         tests = evaluate.select_per_cell(data.load_test_set("test_1hop"), args.eval_per_cell)
         records = evaluate.evaluate(model, tokenizer, tests, attention=False)

@@ -25,8 +25,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+from .profiles import TRITON_MISSING, check_kernel_dtype
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError(f"minimal.triton_flash {TRITON_MISSING}") from err
 
 __all__ = ["flash_attention", "interpreter_active"]
 
@@ -101,9 +107,7 @@ def _check(q, k, v):
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError("q, k and v must be on one device")
-    if interpreter_active() and q.dtype == torch.bfloat16:
-        raise ValueError("bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
-                         "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU.")
+    check_kernel_dtype(q.dtype, interpreter_active())
     if not interpreter_active() and not q.is_cuda:
         raise ValueError("the Triton kernel needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing "
                          "minimal.triton_flash")

@@ -46,8 +46,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+from .profiles import TRITON_MISSING, check_kernel_dtype
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError(f"minimal.triton_opamp {TRITON_MISSING}") from err
 
 from .attention import check_opamp_inputs
 
@@ -300,13 +306,8 @@ def _check_kernel_inputs(q1, k1, q2, k2, v, K, key_padding_mask):
     dtype = q1.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {dtype} is not supported: use float16, bfloat16 or float32")
-    if interpreter_active():
-        if dtype == torch.bfloat16:
-            raise ValueError(
-                "bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
-                "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU."
-            )
-    elif not q1.is_cuda:
+    check_kernel_dtype(dtype, interpreter_active())
+    if not interpreter_active() and not q1.is_cuda:
         raise ValueError(
             "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
             "importing minimal.triton_opamp (or use minimal.attention.opamp_attention)"

@@ -37,8 +37,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+from .profiles import TRITON_MISSING, check_kernel_dtype
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError(f"minimal.triton_sra {TRITON_MISSING}") from err
 
 from .attention import check_opamp_inputs
 from .sra import sra_output
@@ -175,13 +181,8 @@ def _check_kernel_inputs(q, k, v):
         raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
-    if interpreter_active():
-        if q.dtype == torch.bfloat16:
-            raise ValueError(
-                "bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
-                "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU."
-            )
-    elif not q.is_cuda:
+    check_kernel_dtype(q.dtype, interpreter_active())
+    if not interpreter_active() and not q.is_cuda:
         raise ValueError(
             "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
             "importing minimal.triton_sra (or use minimal.sra.sra_attention)"

@@ -93,7 +93,9 @@ def test_full_capture_equals_transformers_eager_attentions(name):
     for layer, expected in enumerate(eager):
         got = cap.maps[layer]
         rows = real[:, None, :, None].expand_as(got)  # compare real query rows only
-        assert (got - expected)[rows].abs().max().item() <= 1e-5
+        # fp32 rounding: the hooked layers compute outputs by SDPA, eager by matmuls, and over 30 layers
+        # of SmolLM2 the hidden states drift apart by a few ulps (2.0e-5 on a map with transformers 5.24)
+        assert (got - expected)[rows].abs().max().item() <= 5e-5
 
 
 def test_span_mass_is_the_sum_of_the_last_row_over_each_span():

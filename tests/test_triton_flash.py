@@ -21,7 +21,9 @@ if DEVICE == "cpu" and not tf.interpreter_active():
     pytest.skip("no CUDA and TRITON_INTERPRET was not set before import", allow_module_level=True)
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# bf16 only on a GPU that has it (sm_80+; a T4 has not): never under the interpreter
+BF16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if BF16 else [])
 
 
 def make(B, H, T, S, D, dtype, seed=0):
