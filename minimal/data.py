@@ -13,6 +13,11 @@ Entities are "First Last" names. The first names are split into two disjoint poo
 values (cities, jobs, years, ...) are shared by both splits. The shipped test sets in
 ``data/`` use the test split; fine-tuning data uses the train split.
 
+A second, *held-out* family (``generate(..., family="heldout")``, ``heldout_set``) has other
+relations, three phrasings per fact and per question, and two-sentence documents (the fact
+and a neutral filler sentence): it measures whether a method holds beyond the training
+templates. Training data (the default family) never use any of it.
+
 OpAmp's noise ratio r means ``round(1/(1-r)) - 1`` distractors per gold document
 (``distractors_for_noise_ratio``): r = 0, 0.5, 0.8, 0.9 give 0, 1, 4, 9.
 
@@ -122,6 +127,126 @@ GOLD_POSITIONS = ("first", "middle", "last", "random")
 HOPS = (1, 2)
 
 # ----------------------------------------------------------------------------------------
+# The held-out family: relations, phrasings and document shapes that training never uses
+#
+# ``generate(..., family="heldout")`` draws from these instead of ``RELATIONS``. Nothing in
+# the default family (the one training data come from) shares a relation, a fact phrasing,
+# a question phrasing or a filler sentence with it. Each document is two sentences about one
+# person: the fact (one of three phrasings, drawn per document) and a neutral filler sentence,
+# before or after it. The first sentence names the person in full, the second by first name
+# (the people of one example have distinct first names, so this is never ambiguous).
+
+
+@dataclass(frozen=True)
+class PhrasedRelation:
+    """A held-out relation: several fact phrasings, several question phrasings, its values."""
+
+    name: str
+    facts: tuple[str, ...]  # each with {name} and {value}
+    questions: tuple[str, ...]  # each with {name}
+    values: tuple[str, ...]
+
+
+FAMILIES = ("default", "heldout")
+
+HELDOUT_RELATIONS = {
+    r.name: r
+    for r in [
+        PhrasedRelation("employer", (
+            "{name} is employed by {value}.",
+            "{name} has worked at {value} for several years.",
+            "{name} draws a salary from {value}.",
+        ), (
+            "Which company employs {name}?",
+            "Who is the employer of {name}?",
+            "At which company does {name} work?",
+        ), (
+            "Google", "Siemens", "Nokia", "Nestle", "Shell", "Boeing", "Airbus", "Samsung", "Sony", "Intel",
+            "IBM", "Oracle", "Adobe", "Netflix", "Spotify", "Ikea", "Lego", "Philips", "Bosch", "Unilever",
+            "Pfizer", "Novartis", "Heineken", "Canon", "Nikon", "Microsoft", "Amazon", "Ericsson", "Deloitte", "Roche",
+            "Danone", "Carrefour", "Walmart", "Starbucks", "Xerox", "Dell", "Cisco", "Nvidia", "Lufthansa", "Reuters",
+        )),
+        PhrasedRelation("food", (
+            "{name}'s favourite food is {value}.",
+            "{name} likes {value} more than any other food.",
+            "Above all, {name} loves to eat {value}.",
+        ), (
+            "What is the favourite food of {name}?",
+            "Which food does {name} like best?",
+            "What does {name} most like to eat?",
+        ), (
+            "pizza", "sushi", "pasta", "curry", "tacos", "lasagna", "risotto", "paella", "burgers", "dumplings",
+            "ramen", "pancakes", "waffles", "omelettes", "noodles", "falafel", "hummus", "kebab", "goulash", "couscous",
+            "burritos", "nachos", "pretzels", "croissants", "bagels", "muffins", "stew", "salad", "soup", "chili",
+            "sausages", "steak", "meatballs", "ravioli", "gnocchi", "quiche", "crepes", "porridge", "spaghetti", "lentils",
+        )),
+        # Every brand starts with a consonant sound, so "drives a ..." always reads right.
+        PhrasedRelation("car", (
+            "{name} drives a {value}.",
+            "{name}'s car is a {value}.",
+            "Every morning {name} commutes in a {value}.",
+        ), (
+            "Which car brand does {name} drive?",
+            "What make of car does {name} own?",
+            "What brand is the car of {name}?",
+        ), (
+            "Toyota", "Honda", "Ford", "Volvo", "Renault", "Peugeot", "Fiat", "Skoda", "Saab", "Tesla",
+            "Porsche", "Ferrari", "Mazda", "Nissan", "Subaru", "Suzuki", "Kia", "Hyundai", "Jaguar", "Lexus",
+            "Mercedes", "Bentley", "Maserati", "Lamborghini", "Citroen", "Dacia", "Jeep", "Cadillac", "Chevrolet", "Buick",
+            "Dodge", "Chrysler", "Lancia", "Bugatti", "Lotus", "Rover", "Pontiac", "Daewoo", "Tata", "Mitsubishi",
+        )),
+        PhrasedRelation("sport", (
+            "{name} plays {value} every weekend.",
+            "{name}'s favourite sport is {value}.",
+            "{name} is a keen {value} player.",
+        ), (
+            "Which sport does {name} play?",
+            "What sport is {name} keen on?",
+            "What is the favourite sport of {name}?",
+        ), (
+            "tennis", "golf", "rugby", "cricket", "hockey", "football", "basketball", "volleyball", "handball", "baseball",
+            "badminton", "squash", "polo", "lacrosse", "softball", "netball", "snooker", "darts", "bowling", "croquet",
+            "pickleball", "dodgeball", "korfball", "hurling", "futsal", "racquetball", "kickball", "floorball", "chess", "billiards",
+        )),
+        PhrasedRelation("university", (
+            "{name} studied at {value}.",
+            "{name} is a graduate of {value}.",
+            "{name} earned a degree at {value}.",
+        ), (
+            "Which university did {name} attend?",
+            "Where did {name} study?",
+            "At which university did {name} earn a degree?",
+        ), (
+            "Oxford", "Cambridge", "Harvard", "Yale", "Princeton", "Stanford", "Columbia", "Cornell", "Heidelberg", "Leiden",
+            "Bologna", "Uppsala", "Salamanca", "Coimbra", "Sorbonne", "Edinburgh", "Glasgow", "Durham", "Bristol", "Manchester",
+            "Zurich", "Utrecht", "Leuven", "Ghent", "Krakow", "Tartu", "Padua", "Pisa", "Siena", "Berkeley",
+            "Caltech", "Purdue", "Duke", "Stellenbosch", "McGill", "Melbourne", "Auckland", "Kyoto", "Tsinghua", "Yonsei",
+        )),
+    ]
+}
+
+# Neutral second sentences about the same person: no relation, no value, no training phrasing.
+FILLERS = (
+    "{name} grew up with two older sisters.",
+    "{name} is usually up before sunrise.",
+    "{name} keeps a very tidy desk.",
+    "{name} has a calm and friendly manner.",
+    "{name} rarely forgets a birthday.",
+    "{name} enjoys quiet evenings at home.",
+    "{name} was the youngest child in the family.",
+    "{name} still writes letters by hand.",
+    "{name} is known for arriving early.",
+    "{name} has a dry sense of humour.",
+    "{name} recently repainted the kitchen.",
+    "{name} owns a large collection of old maps.",
+)
+
+# Base seeds of the held-out grids (a cell's seed is the base seed plus its distractor count).
+HELDOUT_SEED = 4234  # data/test_heldout.jsonl (test first names)
+HELDOUT_VALIDATION_SEED = 14234  # heldout_set(split="train"): the validation variant
+HELDOUT_NOISE_RATIOS = (0.0, 0.5, 0.8, 0.9)
+
+# ----------------------------------------------------------------------------------------
 # Generation
 
 
@@ -136,9 +261,13 @@ def distractors_for_noise_ratio(noise_ratio: float) -> int:
     return round(1 / (1 - noise_ratio)) - 1
 
 
-def max_distractors(relations=None, hops: int = 1, split: str = "test") -> int:
+def max_distractors(relations=None, hops: int = 1, split: str = "test", family: str = "default") -> int:
     """The most distractors per gold document that the name and value lists allow."""
-    relations = _check_relations(relations)
+    _check_choice("family", family, FAMILIES)
+    relations = _check_relations(relations, family)
+    if family == "heldout":  # distinct first names and distinct last names within an example
+        n_values = min(len(HELDOUT_RELATIONS[r].values) for r in relations)
+        return min(n_values, len(FIRST_NAMES[split]), len(LAST_NAMES)) - 1
     n_values = min(len(RELATIONS[r].values) for r in relations)
     return min(n_values, len(full_names(split)) // hops) - 1  # 2-hop needs two names per chain
 
@@ -153,6 +282,7 @@ def generate(
     split: str = "train",
     seed: int = 0,
     relations=None,
+    family: str = "default",
 ) -> list[dict]:
     """Make ``n`` noisy-context QA examples, the same ones for the same arguments.
 
@@ -168,6 +298,11 @@ def generate(
     split: "train" or "test": which pool of first names the people come from.
     relations: names from ``RELATIONS`` to cycle through (example i uses
         ``relations[i % len(relations)]``); default all of them.
+    family: "default" (``RELATIONS``, one template each: what training uses) or "heldout"
+        (``HELDOUT_RELATIONS``: other relations, three phrasings per fact and per question,
+        two-sentence documents; 1-hop only). ``relations`` then names held-out relations.
+        The held-out family is for testing (split="test") and for choosing hyper-parameters
+        (split="train", see ``heldout_set``), never for training.
     """
     if num_distractors is not None and noise_ratio is not None:
         raise ValueError("give num_distractors or noise_ratio, not both")
@@ -179,6 +314,9 @@ def generate(
     _check_choice("gold_position", gold_position, GOLD_POSITIONS)
     _check_choice("hops", hops, HOPS)
     _check_choice("split", split, SPLITS)
+    _check_choice("family", family, FAMILIES)
+    if family == "heldout":
+        return _generate_heldout(n, k, noise_ratio, gold_position, hops, split, seed, relations)
     relations = _check_relations(relations)
     if k > max_distractors(relations, hops, split):
         raise ValueError(
@@ -208,6 +346,82 @@ def generate(
             "split": split,
             "seed": seed,
         })
+    return examples
+
+
+def _generate_heldout(n, k, noise_ratio, gold_position, hops, split, seed, relations) -> list[dict]:
+    """``generate(..., family="heldout")``; the arguments are already checked."""
+    if hops != 1:
+        raise ValueError(f"hops={hops!r}: the held-out family has 1-hop questions only")
+    relations = _check_relations(relations, "heldout")
+    if k > max_distractors(relations, hops, split, "heldout"):
+        raise ValueError(
+            f"num_distractors={k} is more than the lists allow for held-out relations {relations}: "
+            f"at most {max_distractors(relations, hops, split, 'heldout')}"
+        )
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        relation = HELDOUT_RELATIONS[relations[i % len(relations)]]
+        gold_docs, distractors, question, answer = _one_hop_heldout(rng, relation, split, k)
+        documents, gold = _place(gold_docs, distractors, gold_position, rng)
+        examples.append({
+            "id": f"{split}-heldout-1hop-d{k}-{gold_position}-s{seed}-{i}",
+            "documents": documents,
+            "gold": gold,
+            "question": question,
+            "answers": [answer],
+            "hops": 1,
+            "relation": relation.name,
+            "num_distractors": k,
+            "noise_ratio": None if noise_ratio is None else float(noise_ratio),
+            "gold_position": gold_position,
+            "split": split,
+            "seed": seed,
+            "family": "heldout",
+        })
+    return examples
+
+
+def _one_hop_heldout(rng: random.Random, relation: PhrasedRelation, split: str, k: int):
+    """k + 1 people (distinct first and last names), k + 1 distinct values, one two-sentence
+    document each: the fact in a phrasing drawn per document and a filler sentence, in an
+    order drawn per document. The first person is asked about, in a drawn question phrasing."""
+    firsts, lasts = rng.sample(FIRST_NAMES[split], k + 1), rng.sample(LAST_NAMES, k + 1)
+    values = rng.sample(relation.values, k + 1)
+    docs = []
+    for first, last, value in zip(firsts, lasts, values):
+        fact, filler = rng.choice(relation.facts), rng.choice(FILLERS)
+        if rng.random() < 0.5:  # filler first: it names the person in full
+            sentences = [filler.format(name=f"{first} {last}"), fact.format(name=first, value=value)]
+        else:
+            sentences = [fact.format(name=f"{first} {last}", value=value), filler.format(name=first)]
+        docs.append(" ".join(sentences))
+    question = rng.choice(relation.questions).format(name=f"{firsts[0]} {lasts[0]}")
+    return docs[:1], docs[1:], question, values[0]
+
+
+def heldout_set(split: str = "test", *, per_cell: int = 30, seed: int | None = None) -> list[dict]:
+    """The held-out grid, laid out like ``test_1hop``: noise ratio 0 (one "first" cell) and
+    0.5, 0.8, 0.9 x first/middle/last, ``per_cell`` examples each (300 for 30).
+
+    split="test" (seed ``HELDOUT_SEED``) is ``data/test_heldout.jsonl``; split="train" (seed
+    ``HELDOUT_VALIDATION_SEED``) is its validation variant: the same relations, phrasings and
+    layout with train-pool first names, for choosing hyper-parameters without the test set.
+    A cell's seed is the base seed plus its distractor count, so the first/middle/last cells of
+    one noise ratio hold the same questions, reordered; relations are cycled through the grid.
+    """
+    _check_choice("split", split, SPLITS)
+    if seed is None:
+        seed = HELDOUT_SEED if split == "test" else HELDOUT_VALIDATION_SEED
+    relations, examples = list(HELDOUT_RELATIONS), []
+    for level, r in enumerate(HELDOUT_NOISE_RATIOS):
+        start = level * per_cell % len(relations)  # keep cycling where the last level stopped
+        k = distractors_for_noise_ratio(r)
+        for position in (("first", "middle", "last") if k else ("first",)):
+            examples += generate(per_cell, noise_ratio=r, gold_position=position, split=split,
+                                 seed=seed + k, relations=relations[start:] + relations[:start],
+                                 family="heldout")
     return examples
 
 
@@ -250,15 +464,16 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
 
 
-def _check_relations(relations) -> list[str]:
+def _check_relations(relations, family: str = "default") -> list[str]:
+    table = HELDOUT_RELATIONS if family == "heldout" else RELATIONS
     if relations is None:
-        return list(RELATIONS)
+        return list(table)
     if isinstance(relations, str):
         relations = [relations]
     for r in relations:
-        _check_choice("relation", r, tuple(RELATIONS))
+        _check_choice("relation", r, tuple(table))
     if not relations:
-        raise ValueError("relations is empty: give at least one of " + ", ".join(RELATIONS))
+        raise ValueError("relations is empty: give at least one of " + ", ".join(table))
     return list(relations)
 
 
@@ -281,7 +496,12 @@ SCHEMA = {
     "gold_position": (str, "first, middle, last or random"),
     "split": (str, "train or test entity pool"),
     "seed": (int, "seed given to generate"),
+    "family": (str, "default or heldout (relations and phrasings)"),
+    "source": (str, "where the questions come from, e.g. nq-open"),
 }
+# A user's own file needs only these; the other fields are checked when present, and grouping
+# (minimal.evaluate) puts an example that lacks one in the cell "unknown".
+REQUIRED_FIELDS = ("id", "documents", "gold", "question", "answers")
 
 
 def validate_example(ex) -> None:
@@ -290,7 +510,9 @@ def validate_example(ex) -> None:
         raise ValueError(f"expected a JSON object, got {type(ex).__name__}")
     for field, (types, meaning) in SCHEMA.items():
         if field not in ex:
-            raise ValueError(f"missing field {field!r} ({meaning})")
+            if field in REQUIRED_FIELDS:
+                raise ValueError(f"missing field {field!r} ({meaning})")
+            continue
         value = ex[field]
         # bool is a subclass of int in Python; it is never a valid count or seed
         if isinstance(value, bool) or not isinstance(value, types):
@@ -307,18 +529,21 @@ def validate_example(ex) -> None:
         fail("gold", f"must be a non-empty list of indices in [0, {len(docs)})")
     if not ex["answers"] or not all(isinstance(a, str) and a.strip() for a in ex["answers"]):
         fail("answers", "must be a non-empty list of non-empty strings")
-    if ex["hops"] not in HOPS:
-        fail("hops", "must be 1 or 2")
-    if len(gold) != ex["hops"]:
-        fail("gold", f"must hold one index per hop ({ex['hops']})")
-    if ex["num_distractors"] < 0:
+    if "hops" in ex:
+        if ex["hops"] not in HOPS:
+            fail("hops", "must be 1 or 2")
+        if len(gold) != ex["hops"]:
+            fail("gold", f"must hold one index per hop ({ex['hops']})")
+    if ex.get("num_distractors", 0) < 0:
         fail("num_distractors", "must be >= 0")
-    if ex["noise_ratio"] is not None and not 0 <= ex["noise_ratio"] < 1:
+    if ex.get("noise_ratio") is not None and not 0 <= ex["noise_ratio"] < 1:
         fail("noise_ratio", "must be in [0, 1) or null")
-    if ex["gold_position"] not in GOLD_POSITIONS:
+    if "gold_position" in ex and ex["gold_position"] not in GOLD_POSITIONS:
         fail("gold_position", f"must be one of {', '.join(GOLD_POSITIONS)}")
-    if ex["split"] not in SPLITS:
+    if "split" in ex and ex["split"] not in SPLITS:
         fail("split", f"must be one of {', '.join(SPLITS)}")
+    if "family" in ex and ex["family"] not in FAMILIES:
+        fail("family", f"must be one of {', '.join(FAMILIES)}")
 
 
 def _type_names(types) -> str:
@@ -360,7 +585,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 def load_test_set(name_or_path) -> list[dict]:
-    """A shipped test set by name ("test_1hop", "test_2hop", "test_distractors"), or a path."""
+    """A shipped test set by name ("test_1hop", "test_2hop", "test_distractors",
+    "test_heldout", "test_nq"), or a path."""
     shipped = DATA_DIR / f"{name_or_path}.jsonl"
     if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.exists():
         return read_jsonl(shipped)

@@ -152,19 +152,24 @@ def _gold_mass(mass: torch.Tensor, example: dict) -> dict:
 
 # ----------------------------------------------------------------------------- aggregation
 
+# The cell of an example that lacks a grouping field (a user's own file needs only id,
+# documents, gold, question and answers). A field present with the value null stays None.
+UNKNOWN = "unknown"
+
 
 def accuracy_grid(records: list[dict], by=("noise_ratio", "gold_position"), metric: str = "lenient") -> list[dict]:
     """Accuracy per cell of the ``by`` fields, with Wilson 95% intervals.
 
     Each row: the ``by`` values, ``n``, ``correct``, ``accuracy``, ``low``, ``high``,
     and ``gold_mass`` (mean over the cell and over layers) when records carry attention.
+    A record without a ``by`` field counts in the cell ``"unknown"`` for it.
     """
     if metric not in ("lenient", "strict"):
         raise ValueError(f"metric={metric!r}: choose 'lenient' or 'strict'")
     by = (by,) if isinstance(by, str) else tuple(by)
     cells = defaultdict(list)
     for r in records:
-        cells[tuple(r.get(k) for k in by)].append(r)
+        cells[tuple(r.get(k, UNKNOWN) for k in by)].append(r)
     rows = []
     for key in sorted(cells, key=lambda k: tuple(_sort_key(v) for v in k)):
         rs = cells[key]
@@ -238,12 +243,13 @@ def format_grid(grid: list[dict], rows: str = "noise_ratio", cols: str = "gold_p
 
 
 def select_per_cell(examples: list[dict], n: int, by=("noise_ratio", "gold_position")) -> list[dict]:
-    """The first ``n`` examples of every cell (a deterministic, balanced subset)."""
+    """The first ``n`` examples of every cell (a deterministic, balanced subset); an example
+    without a ``by`` field belongs to the cell ``"unknown"`` for it."""
     if n < 1:
         raise ValueError(f"n={n}: need at least one example per cell")
     counts, chosen = defaultdict(int), []
     for ex in examples:
-        key = tuple(ex.get(k) for k in by)
+        key = tuple(ex.get(k, UNKNOWN) for k in by)
         if counts[key] < n:
             counts[key] += 1
             chosen.append(ex)

@@ -248,3 +248,224 @@ def test_batch_left_padding_keeps_spans(tokenizer):
         for (s, e), doc in zip(spans[b], ex["documents"]):
             assert tokenizer.decode(input_ids[b, s:e]).strip() == doc
     assert attention_mask[:, -1].all()  # left padding: every row ends with a real token
+
+
+# ---- the held-out family ----------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from minimal.data import FILLERS, HELDOUT_RELATIONS, heldout_set  # noqa: E402
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A fact, question or filler template as a regex: {name} and {value} match anything."""
+    pattern = re.escape(template).replace(r"\{name\}", ".+").replace(r"\{value\}", ".+")
+    return re.compile(pattern)
+
+
+HELDOUT_TEMPLATES = [t for r in HELDOUT_RELATIONS.values() for t in r.facts + r.questions] + list(FILLERS)
+
+
+def test_heldout_never_in_training_data():
+    """generate(split="train") (the default family) never makes a held-out relation, phrasing,
+    filler sentence or value, whatever the seed, hops or noise."""
+    patterns = [template_regex(t) for t in HELDOUT_TEMPLATES]
+    values = {v for r in HELDOUT_RELATIONS.values() for v in r.values}
+    assert not set(HELDOUT_RELATIONS) & set(RELATIONS)
+    for seed in range(20):
+        for hops in (1, 2):
+            for ex in generate(30, num_distractors=7 + seed % 3, hops=hops, split="train", seed=seed):
+                assert ex["relation"] in RELATIONS and "family" not in ex
+                for text in ex["documents"] + [ex["question"]]:
+                    assert not any(p.search(text) for p in patterns), text
+                    assert not set(re.findall(r"\w+", text)) & values, text
+                    assert text.count(". ") == 0  # one sentence per document, as before
+    with pytest.raises(ValueError, match="relation='car'"):
+        generate(1, split="train", relations=["car"])  # the default family knows no held-out relation
+    with pytest.raises(ValueError, match="1-hop"):
+        generate(1, family="heldout", hops=2)
+    with pytest.raises(ValueError, match="family='other'"):
+        generate(1, family="other")
+
+
+def test_heldout_word_pools_do_not_collide():
+    names = {w.lower() for split in FIRST_NAMES for w in FIRST_NAMES[split]} | {w.lower() for w in LAST_NAMES}
+    train_values = {v.lower() for r in RELATIONS.values() for v in r.values}
+    template_words = {w.lower() for t in HELDOUT_TEMPLATES for w in re.findall(r"[A-Za-z]+", t)}
+    seen = set()
+    for r in HELDOUT_RELATIONS.values():
+        values = {v.lower() for v in r.values}
+        assert len(values) == len(r.values) >= 30 and len(r.facts) >= 3 and len(r.questions) >= 3
+        assert not values & (names | train_values | template_words | seen), r.name
+        seen |= values
+
+
+def sentences(doc: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", doc.strip()) if s]
+
+
+def test_heldout_file_is_the_generator_output_and_has_the_layout():
+    examples = load_test_set("test_heldout")
+    assert examples == heldout_set("test")  # the file on disk equals a regeneration
+    assert len(examples) == 300 and len({ex["id"] for ex in examples}) == 300
+    cells = Counter((ex["noise_ratio"], ex["gold_position"]) for ex in examples)
+    assert cells == {(0.0, "first"): 30, **{(r, p): 30 for r in (0.5, 0.8, 0.9) for p in ("first", "middle", "last")}}
+    by_cell = {}
+    for ex in examples:
+        by_cell.setdefault((ex["noise_ratio"], ex["gold_position"]), []).append(ex)
+    for r in (0.5, 0.8, 0.9):  # first/middle/last of one ratio: the same questions, reordered
+        first, middle, last = (by_cell[(r, p)] for p in ("first", "middle", "last"))
+        for a, b, c in zip(first, middle, last):
+            assert a["question"] == b["question"] == c["question"]
+            assert sorted(a["documents"]) == sorted(b["documents"]) == sorted(c["documents"])
+
+
+def test_heldout_documents_and_phrasings():
+    examples = load_test_set("test_heldout")
+    facts = {t: template_regex(t) for r in HELDOUT_RELATIONS.values() for t in r.facts}
+    questions = {t: re.compile("^" + template_regex(t).pattern + "$")
+                 for r in HELDOUT_RELATIONS.values() for t in r.questions}
+    fillers = [template_regex(t) for t in FILLERS]
+    used_facts, used_questions, filler_first = set(), set(), set()
+    for ex in examples:
+        assert ex["relation"] in HELDOUT_RELATIONS and ex["family"] == "heldout" and ex["split"] == "test"
+        text = " ".join(ex["documents"]) + " " + ex["question"]
+        assert names_in(text, "test") and not names_in(text, "train")
+        used_questions |= {t for t, p in questions.items() if p.match(ex["question"])}
+        people = [sorted(names_in(d, "test")) for d in ex["documents"]]
+        assert all(len(p) == 1 for p in people), ex["documents"]  # one person per document
+        firsts = [p[0].split()[0] for p in people]
+        assert len(set(firsts)) == len(firsts)  # distinct first names: "Alice ..." is never ambiguous
+        answer = ex["answers"][0]
+        for i, doc in enumerate(ex["documents"]):
+            parts = sentences(doc)
+            assert len(parts) == 2, doc  # more than one sentence: the fact and a filler
+            fact = [t for t, p in facts.items() if any(p.fullmatch(s) for s in parts)]
+            assert len(fact) == 1 and fact[0] in HELDOUT_RELATIONS[ex["relation"]].facts, doc
+            used_facts |= set(fact)
+            is_filler = [any(p.fullmatch(s) for p in fillers) for s in parts]
+            assert sorted(is_filler) == [False, True], doc
+            filler_first.add(is_filler[0])
+            assert has_word(doc, answer) == (i == ex["gold"][0]), (doc, answer)
+    assert used_facts == set(facts) and used_questions == set(questions)  # every phrasing is used
+    assert filler_first == {True, False}  # filler before and after the fact
+
+
+def test_heldout_validation_variant_uses_train_names():
+    val = heldout_set("train", per_cell=5)
+    assert len(val) == 50 and all(ex["split"] == "train" and ex["relation"] in HELDOUT_RELATIONS for ex in val)
+    text = " ".join(" ".join(ex["documents"]) + " " + ex["question"] for ex in val)
+    assert names_in(text, "train") and not names_in(text, "test")
+    assert {ex["seed"] for ex in val} == {data.HELDOUT_VALIDATION_SEED + k for k in (0, 1, 4, 9)}
+
+
+# ---- the NQ files -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nq_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_nq_test_set", DATA_DIR / "make_nq_test_set.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nq_gold_holds_an_answer_and_no_distractor_does():
+    from minimal.evaluate import normalize_answer
+
+    def words(text):  # the scorer's normalisation, split at every non-word character
+        return re.split(r"\W+", normalize_answer(text))
+
+    def holds(doc, answers):  # some answer is a run of whole words of the document
+        d = words(doc)
+        return any((a := [w for w in words(answer) if w])
+                   and any(d[s:s + len(a)] == a for s in range(len(d))) for answer in answers)
+
+    for ex in load_test_set("test_nq"):
+        assert ex["source"] == "nq-open" and ex["split"] == "test" and "relation" not in ex
+        for i, doc in enumerate(ex["documents"]):
+            assert holds(doc, ex["answers"]) == (i in ex["gold"]), (ex["id"], i)
+            assert len(doc.split()) <= 100 + 25  # "Title: text", the text cut to 100 words
+        assert len(set(ex["documents"])) == len(ex["documents"])
+
+
+def test_nq_layout_and_split():
+    test, trainval = load_test_set("test_nq"), load_test_set("nq_trainval")
+    cells = Counter((ex["noise_ratio"], ex["gold_position"]) for ex in test)
+    assert cells == {(0.0, "first"): 30, **{(r, p): 30 for r in (0.5, 0.8, 0.9) for p in ("first", "middle", "last")}}
+    assert {ex["num_distractors"] for ex in test} == {0, 1, 4, 9}
+    assert all(len(ex["documents"]) == ex["num_distractors"] + 1 for ex in test)
+    by_ratio = {}
+    for ex in test:
+        by_ratio.setdefault(ex["noise_ratio"], {}).setdefault(ex["gold_position"], []).append(ex)
+    for r, cells in by_ratio.items():  # one ratio: the same 30 questions and documents, reordered
+        qs = [[ex["question"] for ex in cells[p]] for p in cells]
+        assert all(q == qs[0] for q in qs) and len(set(qs[0])) == 30
+        for exs in zip(*cells.values()):
+            assert all(sorted(e["documents"]) == sorted(exs[0]["documents"]) for e in exs)
+    test_questions = {ex["question"] for ex in test}
+    assert len(test_questions) == 120  # 30 per noise ratio, none at two ratios
+    train_questions = {ex["question"] for ex in trainval}
+    assert not test_questions & train_questions and len(train_questions) == len(trainval) == 1205
+    assert all(ex["split"] == "train" and len(ex["documents"]) == 1 for ex in trainval)
+    test_docs = {ex["documents"][ex["gold"][0]] for ex in test}
+    assert not test_docs & {d for ex in trainval for d in ex["documents"]}  # no test passage in training
+
+
+def test_nq_files_equal_a_regeneration(nq_script):
+    if not nq_script.DEFAULT_SOURCE.exists():
+        pytest.skip("the NQ source file is not here (python data/make_nq_test_set.py --source PATH)")
+    rows = nq_script.load_source(nq_script.DEFAULT_SOURCE)
+    assert len(rows) == 1325
+    assert load_test_set("test_nq") == nq_script.test_examples(rows)
+    assert load_test_set("nq_trainval") == nq_script.trainval_examples(rows)
+    test, trainval = nq_script.split_questions(rows)
+    assert sorted(trainval + [i for ids in test.values() for i in ids]) == list(range(1325))
+    assert nq_script.document({"title": "T", "text": "w " * 150}) == "T: " + " ".join(["w"] * 100)
+    noisy = nq_script.trainval_examples(rows, num_distractors=2, gold_position="random")
+    pool = {ex["documents"][0] for ex in load_test_set("nq_trainval")}
+    assert all(set(ex["documents"]) <= pool for ex in noisy[:50])  # distractors from train/val only
+
+
+# ---- a user's own file: five fields -----------------------------------------------------
+
+
+def test_minimal_user_file_loads_and_groups_as_unknown(tmp_path):
+    from minimal.evaluate import accuracy_grid, select_per_cell
+
+    rows = [{"id": f"q{i}", "documents": ["Paris is in France.", "Rome is in Italy."], "gold": [i % 2],
+             "question": "Where is Paris?", "answers": ["France"]} for i in range(4)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = read_jsonl(path)
+    assert examples == rows and load_test_set(path) == rows
+    assert select_per_cell(examples, 3) == rows[:3]  # all in the one cell ("unknown", "unknown")
+    records = [dict(ex, lenient=i < 3, strict=False) for i, ex in enumerate(examples)]
+    grid = accuracy_grid(records, by=("noise_ratio", "gold_position", "relation", "hops"))
+    assert len(grid) == 1 and grid[0]["n"] == 4 and grid[0]["correct"] == 3
+    assert [grid[0][k] for k in ("noise_ratio", "gold_position", "relation", "hops")] == ["unknown"] * 4
+    # mixed with a shipped file: known cells as before, the user's rows in "unknown"
+    mixed = accuracy_grid([dict(ex, lenient=True, strict=True) for ex in load_test_set("test_1hop")[:30]] + records,
+                          by="noise_ratio")
+    assert [row["noise_ratio"] for row in mixed] == [0.0, "unknown"]
+
+    # the five fields are still required and checked, with file, line and field named
+    for field, bad in [("question", None), ("gold", [7]), ("answers", "France")]:
+        broken = dict(rows[1])
+        if bad is None:
+            del broken[field]
+        else:
+            broken[field] = bad
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(broken) + "\n")
+        with pytest.raises(ValueError) as info:
+            read_jsonl(path)
+        assert "mine.jsonl" in str(info.value) and "line 2" in str(info.value) and repr(field) in str(info.value)
+    # optional fields, when present, are still checked
+    path.write_text(json.dumps(dict(rows[0], noise_ratio="high")) + "\n")
+    with pytest.raises(ValueError, match="line 1.*'noise_ratio'"):
+        read_jsonl(path)
+    path.write_text(json.dumps(dict(rows[0], hops=2)) + "\n")
+    with pytest.raises(ValueError, match="'gold'.*one index per hop"):
+        read_jsonl(path)

@@ -99,3 +99,15 @@ def test_gold_attention_ratio_is_the_ratio_of_layer_means():
 
     assert abs(gold_attention_ratio(records) - 2.0) < 1e-6
     assert gold_attention_ratio(records[2:]) is None
+
+
+def test_grouping_puts_missing_fields_in_unknown():
+    """A user's file may lack the grouping fields: such records form the cell "unknown";
+    a field present as null stays None (test_distractors' noise_ratio)."""
+    records = [dict(lenient=True, strict=True), dict(noise_ratio=None, lenient=False, strict=False),
+               dict(noise_ratio=0.5, gold_position="first", lenient=True, strict=False)]
+    grid = accuracy_grid(records)
+    assert [(g["noise_ratio"], g["gold_position"], g["n"]) for g in grid] == [
+        (0.5, "first", 1), ("unknown", "unknown", 1), (None, "unknown", 1)]
+    assert select_per_cell(records, 1, by=("relation",)) == records[:1]
+    assert "unknown" in format_grid(grid)
