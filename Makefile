@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml requirements.txt scripts/install_torch.sh
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
-## the main job: every method on the default model, same questions, accuracy and cost side by side
+## the main job, on a subset that runs in minutes: every method on the default model, the same questions
+## of the three test sets (1 per noise x position cell), one training seed. The full comparison (3 seeds,
+## 50 questions a set on the cpu profile) is `python -m minimal compare`; notebook 07 runs it.
 demo: $(STAMP)
-	$(BIN)/python -m minimal compare
+	$(BIN)/python -m minimal compare --per-cell 1 --seeds 0
 
 ## the package tests, then every notebook under nbval, all with the smoke profile
 test: $(STAMP)

@@ -39,16 +39,17 @@ import torch
 from . import cost, data, evaluate, models, pear, sra
 from .opamp import load_opamp, save_opamp
 from .profiles import get_profile
-from .train import TrainConfig, adapt, training_examples
+from .train import TrainConfig, adapt, training_mix
 
 PARTS = ("base", "lora", "opamp", "sra", "pear")
 DEFAULT_METHODS = "base,lora,opamp,sra,pear"
+DEFAULT_TESTS = "test_1hop,test_heldout,test_nq"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 CLASHES = {
     frozenset({"opamp", "sra"}): "both replace the attention map of every layer",
     frozenset({"opamp", "lora"}): "opamp already includes LoRA (trained together)",
 }
-K, SEED = 10.0, 0  # OpAmp's CMRR (the paper's choice) and the training seed
+K = 10.0  # OpAmp's CMRR (the paper's choice)
 
 
 # ----------------------------------------------------------------------------- method names
@@ -100,25 +101,28 @@ def _announce(what: str, model_name: str, where: Path) -> None:
           "left), then saved there")
 
 
-def train_adapters(model_name: str, part: str, folder: Path, profile, progress: bool = True) -> dict:
-    """Train ``part`` ("lora" or "opamp" = OpAmp + LoRA) with notebook 03's recipe and save it.
+def train_adapters(model_name: str, part: str, folder: Path, profile, seed: int = 0, progress: bool = True) -> dict:
+    """Train ``part`` ("lora" or "opamp" = OpAmp + LoRA) on :func:`minimal.train.training_mix`
+    (half real-text questions, half synthetic ones in varied phrasings), with the same data, steps
+    and seed for both parts, so LoRA alone stays OpAmp's fair control; save it.
 
     Writes ``folder/lora/`` (PEFT), ``folder/adapters/`` (OpAmp, if any) and ``folder/train.json``.
     """
-    steps, batch = profile.opamp_train_steps, profile.opamp_train_batch
-    examples = training_examples(steps * batch, seed=SEED)
-    config = TrainConfig(steps=steps, batch_size=batch, seed=SEED)
+    steps, batch = profile.compare_train_steps, profile.opamp_train_batch
+    examples = training_mix(steps * batch, seed=seed)
+    config = TrainConfig(steps=steps, batch_size=batch, seed=seed)
     model, _, history = adapt(model_name, examples, config, K=K if part == "opamp" else None,
                               stride=profile.opamp_stride, lora_r=profile.opamp_lora_r,
                               lora_alpha=profile.opamp_lora_alpha, progress=progress,
-                              desc=f"train {part}")
+                              desc=f"train {part} (seed {seed})")
     folder.mkdir(parents=True, exist_ok=True)
     if part == "opamp":
         save_opamp(model, folder / "adapters")
     model.save_pretrained(folder / "lora")
     for path in folder.glob("*/*.safetensors"):
         _store_half(path)
-    record = dict(part=part, model=model_name, profile=profile.name, steps=steps, batch=batch, seed=SEED,
+    record = dict(part=part, model=model_name, profile=profile.name, recipe="training_mix", nq_share=0.5,
+                  steps=steps, batch=batch, seed=seed,
                   K=K if part == "opamp" else None, stride=profile.opamp_stride, lora_r=profile.opamp_lora_r,
                   seconds=history["seconds"], loss=history["loss"],
                   date=time.strftime("%Y-%m-%d"), machine=platform.machine())
@@ -126,29 +130,30 @@ def train_adapters(model_name: str, part: str, folder: Path, profile, progress: 
     return record
 
 
-def train_pear(model_name: str, path: Path, profile, device: str, progress: bool = True) -> dict:
-    """Detect suppression heads and learn their coefficients with notebook 06's recipe; save."""
+def train_pear(model_name: str, path: Path, profile, device: str, seed: int = 0, progress: bool = True) -> dict:
+    """Detect suppression heads and learn their coefficients with notebook 06's recipe; save.
+    ``seed`` draws the copy sequences of detection and of training."""
     model, tokenizer = models.load_model(model_name, device=device)
     start = time.time()
-    dataset = pear.proxy_dataset(tokenizer, profile.pear_settings, seed=0)
+    dataset = pear.proxy_dataset(tokenizer, profile.pear_settings, seed=seed)
     scores = pear.head_scores(model, dataset, variant="path", progress=progress)
     heads = pear.top_heads(scores, min(profile.pear_k, scores.scores.numel()))
     scales, history = pear.train_coefficients(
         model, heads, sequences=profile.pear_train_sequences, n=profile.pear_train_n,
-        batch_size=profile.pear_train_batch, lr=profile.pear_lr, seed=1, tokenizer=tokenizer, progress=progress)
+        batch_size=profile.pear_train_batch, lr=profile.pear_lr, seed=seed + 1, tokenizer=tokenizer, progress=progress)
     seconds = time.time() - start
-    pear.save_coefficients(path, model, scales.coefficients(), variant=scores.variant, k=len(heads),
+    pear.save_coefficients(path, model, scales.coefficients(), variant=scores.variant, k=len(heads), seed=seed,
                            profile=profile.name, seconds=seconds, settings=[list(s) for s in profile.pear_settings],
                            loss=history["loss"], date=time.strftime("%Y-%m-%d"))
     return json.loads(Path(path).read_text())
 
 
-def ensure_weights(model_name: str, methods, root=None, profile=None, device: str = "cpu",
+def ensure_weights(model_name: str, methods, root=None, profile=None, device: str = "cpu", seed: int = 0,
                    progress: bool = True) -> dict:
-    """Make sure every trained part the ``methods`` need exists under ``weights_dir``; train the
-    missing ones. Returns ``{part: training record}`` (with the seconds it took)."""
+    """Make sure every trained part the ``methods`` need exists under ``weights_dir(...)/seed<seed>``;
+    train the missing ones. Returns ``{part: training record}`` (with the seconds it took)."""
     profile = profile or get_profile()
-    folder = weights_dir(model_name, root)
+    folder = weights_dir(model_name, root) / f"seed{seed}"
     needed = {p for m in parse_methods(methods) for p in m.split("+")} & {"lora", "opamp", "pear"}
     records = {}
     for part in sorted(needed):
@@ -156,13 +161,13 @@ def ensure_weights(model_name: str, methods, root=None, profile=None, device: st
             path = folder / "pear.json"
             if not path.exists():
                 _announce("PEAR coefficients", model_name, path)
-                train_pear(model_name, path, profile, device, progress)
+                train_pear(model_name, path, profile, device, seed, progress)
             records[part] = json.loads(path.read_text())
         else:
             path = folder / part / "train.json"
             if not path.exists():
                 _announce(f"{part} weights", model_name, path.parent)
-                train_adapters(model_name, part, path.parent, profile, progress)
+                train_adapters(model_name, part, path.parent, profile, seed, progress)
             records[part] = json.loads(path.read_text())
     return records
 
@@ -184,15 +189,17 @@ def _store_half(path: Path) -> None:
 # ----------------------------------------------------------------------------- building a method
 
 
-def build(method: str, model_name: str, root=None, device: str = "cpu", sra_config: sra.SRAConfig | None = None):
-    """A fresh model with ``method`` applied, from saved weights (see :func:`ensure_weights`).
+def build(method: str, model_name: str, root=None, device: str = "cpu", sra_config: sra.SRAConfig | None = None,
+          seed: int = 0):
+    """A fresh model with ``method`` applied, from the saved weights of training seed ``seed``
+    (see :func:`ensure_weights`).
 
     Order: the trained weights (LoRA merged into the linears; OpAmp adapters attached), then
     PEAR folded into ``o_proj``, then SRA switched on. Returns ``(model, tokenizer)``.
     """
     (name,) = parse_methods([method])
     parts = set(name.split("+"))
-    folder = weights_dir(model_name, root)
+    folder = weights_dir(model_name, root) / f"seed{seed}"
     model, tokenizer = models.load_model(model_name, device=device)
     for part in ("opamp", "lora"):
         if part in parts:
@@ -226,66 +233,105 @@ def default_sra_config(tokenizer, **factors) -> sra.SRAConfig:
 # ----------------------------------------------------------------------------- the comparison
 
 
+TRAINED = {"lora", "opamp", "pear"}  # parts whose weights depend on a training seed
+
+
+def parse_tests(text) -> list[str]:
+    """``"test_1hop,test_nq"`` (or a list) -> the names or paths, each one loadable; else ValueError."""
+    tests = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not tests:
+        raise ValueError("test is empty: name a shipped test set (test_1hop, test_heldout, test_nq, ...) or a JSONL path")
+    for t in tests:
+        data.load_test_set(t)  # FileNotFoundError naming the shipped sets
+    return tests
+
+
 def _cost_prompt(tokenizer, examples, device):
-    """The prompt of the example with the most documents, as a batch of one: (1, T)."""
-    longest = max(examples, key=lambda e: len(e["documents"]))
-    return data.build_prompt(tokenizer, longest).input_ids[None].to(device)
+    """The longest prompt among ``examples``, as a batch of one: (1, T)."""
+    prompts = [data.build_prompt(tokenizer, e).input_ids for e in examples]
+    return max(prompts, key=len)[None].to(device)
 
 
-def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, test="test_1hop", per_cell: int | None = None,
-            root=None, profile=None, device: str | None = None, progress: bool = True) -> dict:
-    """Evaluate every method on the same test questions; cost measured against ``base``.
+def _scored(records: list[dict]) -> dict:
+    """One evaluation run summarised: accuracy overall, by noise ratio, by gold position (noisy
+    questions, or all when no question says its noise ratio), attention on gold, the records."""
+    noisy = [r for r in records if r.get("noise_ratio") not in (0, None, evaluate.UNKNOWN)]
+    return dict(overall=evaluate.accuracy_grid(records, by=())[0],
+                by_noise=evaluate.accuracy_grid(records, by=("noise_ratio",)),
+                by_position=evaluate.accuracy_grid(noisy or records, by=("gold_position",)),
+                gold_ratio=evaluate.gold_attention_ratio(records), records=records)
 
-    Returns ``{"meta", "methods": {name: {"overall", "by_noise", "by_position", "gold_ratio",
-    "prefill", "memory", "training", "paired", "records"}}}``: accuracies as :func:`minimal.evaluate.accuracy_grid`
-    rows; ``gold_ratio`` the per-document attention on the gold document over a distractor
-    (mean over layers, noisy questions); ``prefill`` the paired time ratio to base;
-    ``memory`` the peak prefill memory (MiB) and its ratio to base; ``training`` the one-off
-    training seconds of the weights used (from their records); ``paired`` the questions fixed
-    and broken against base (:func:`paired`, when base is among the methods).
+
+def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, tests="test_1hop", per_cell: int | None = None,
+            root=None, profile=None, device: str | None = None, seeds=None, progress: bool = True) -> dict:
+    """Evaluate every method on the same questions of every test set; trained methods once per
+    training seed; cost measured against ``base``.
+
+    Returns ``{"meta", "tests": {test: {"n", "methods": {name: {"runs", "mean", "sd"}}}},
+    "cost": {name: {"prefill", "memory", "training"}}}``. A *run* is one model on one test set:
+    ``{"seed", "overall", "by_noise", "by_position", "gold_ratio", "paired", "records"}`` with
+    accuracies as :func:`minimal.evaluate.accuracy_grid` rows, ``gold_ratio`` the per-document
+    attention on the gold document over a distractor (mean over layers, noisy questions) and
+    ``paired`` the questions fixed and broken against base (:func:`paired`, when base is among
+    the methods). ``seed`` is None for methods without training; ``mean`` and ``sd`` are the
+    accuracy over the runs (sd over seeds, 0 for one run). ``prefill`` is the paired time ratio
+    to base and ``memory`` the peak prefill memory (MiB) and its ratio, both on the longest prompt
+    of the first test set, with the first seed's weights; ``training`` the one-off seconds of the
+    weights used (from their records, per seed).
     """
     names = parse_methods(methods)
+    tests = parse_tests(tests)
     profile = profile or get_profile()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     per_cell = per_cell or profile.compare_per_cell
-    examples = evaluate.select_per_cell(data.load_test_set(test), per_cell)
-    training = ensure_weights(model_name, names, root, profile, device, progress)
+    seeds = list(profile.compare_seeds if seeds is None else seeds)
+    sets = {t: evaluate.select_per_cell(data.load_test_set(t), per_cell) for t in tests}
+    needs_training = any(set(n.split("+")) & TRAINED for n in names)
+    training = {seed: ensure_weights(model_name, names, root, profile, device, seed, progress)
+                for seed in (seeds if needs_training else [])}
 
     base, tokenizer = models.load_model(model_name, device=device)
-    prompt = _cost_prompt(tokenizer, examples, device)
+    prompt = _cost_prompt(tokenizer, sets[tests[0]], device)
     sra_config = default_sra_config(tokenizer)
-    results, start = {}, time.time()
+    runs, costs, start = {t: {} for t in tests}, {}, time.time()
     for name in names:
-        model = base if name == "base" else build(name, model_name, root, device, sra_config)[0]
-        records = evaluate.evaluate(model, tokenizer, examples, batch_size=profile.batch_size,
-                                    max_new_tokens=profile.max_new_tokens, progress=progress, desc=name)
-        timing = cost.latency_ratio(base, model, prompt, repeats=profile.compare_repeats, warmup=1)
-        # after the timings (both warm), base then method, one right after the other
-        base_memory = cost.peak_memory_mb(lambda: base(prompt), device)
-        memory = cost.peak_memory_mb(lambda: model(prompt), device)
-        noisy = [r for r in records if r["noise_ratio"]]
-        results[name] = dict(
-            overall=evaluate.accuracy_grid(records, by=())[0],
-            by_noise=evaluate.accuracy_grid(records, by=("noise_ratio",)),
-            by_position=evaluate.accuracy_grid(noisy or records, by=("gold_position",)),
-            gold_ratio=evaluate.gold_attention_ratio(records),
-            prefill=timing,
-            memory=dict(mb=memory, base_mb=base_memory, ratio=memory / base_memory if memory and base_memory else None),
-            training={p: training[p].get("seconds") for p in name.split("+") if p in training},
-            records=records,
-        )
-        if model is not base:
-            del model
-    if "base" in results:  # question by question against the base model
-        for m in results.values():
-            m["paired"] = paired(results["base"]["records"], m["records"])
-    meta = dict(command="compare", model=model_name, methods=names, test=str(test), per_cell=per_cell,
-                n=len(examples), profile=profile.name, device=device, prompt_tokens=int(prompt.shape[1]),
-                sra=asdict(sra_config),
+        trained = set(name.split("+")) & TRAINED
+        for seed in (seeds if trained else [None]):
+            model = base if name == "base" else build(name, model_name, root, device, sra_config, seed or 0)[0]
+            for t, examples in sets.items():
+                label = name if seed is None else f"{name} seed {seed}"
+                records = evaluate.evaluate(model, tokenizer, examples, batch_size=profile.batch_size,
+                                            max_new_tokens=profile.max_new_tokens, progress=progress,
+                                            desc=f"{label} on {Path(t).stem}")
+                runs[t].setdefault(name, []).append(dict(seed=seed, **_scored(records)))
+            if name not in costs:
+                timing = cost.latency_ratio(base, model, prompt, repeats=profile.compare_repeats, warmup=1)
+                # after the timings (both warm), base then method, one right after the other
+                base_memory = cost.peak_memory_mb(lambda: base(prompt), device)
+                memory = cost.peak_memory_mb(lambda: model(prompt), device)
+                costs[name] = dict(prefill=timing, memory=dict(
+                    mb=memory, base_mb=base_memory, ratio=memory / base_memory if memory and base_memory else None))
+            costs[name].setdefault("training", {})[seed] = {
+                p: training[seed][p].get("seconds") for p in trained} if trained else {}
+            if model is not base:
+                del model
+    results = {}
+    for t, by_method in runs.items():
+        base_records = by_method["base"][0]["records"] if "base" in by_method else None
+        summary = {}
+        for name, method_runs in by_method.items():
+            if base_records is not None:  # question by question against the base model
+                for run in method_runs:
+                    run["paired"] = paired(base_records, run["records"])
+            acc = torch.tensor([r["overall"]["accuracy"] for r in method_runs], dtype=torch.float64)
+            summary[name] = dict(runs=method_runs, mean=float(acc.mean()), sd=float(acc.std()) if len(acc) > 1 else 0.0)
+        results[t] = dict(n=len(sets[t]), methods=summary)
+    meta = dict(command="compare", model=model_name, methods=names, tests=tests, per_cell=per_cell, seeds=seeds,
+                profile=profile.name, device=device, prompt_tokens=int(prompt.shape[1]), sra=asdict(sra_config),
                 seconds=time.time() - start, date=time.strftime("%Y-%m-%d"), machine=platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if device == "cuda" else None)
-    return dict(meta=meta, methods=results)
+    return dict(meta=meta, tests=results, cost=costs)
 
 
 def paired(base_records: list[dict], other_records: list[dict], metric: str = "lenient") -> dict:
@@ -315,82 +361,114 @@ def _seconds(s) -> str:
     return "-" if not s else f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
+def _summary(m: dict) -> str:
+    """One method on one test set: its Wilson interval, or with several seeds the mean +- sd and
+    each seed's accuracy."""
+    if len(m["runs"]) == 1:
+        return _pct(m["runs"][0]["overall"]).strip()
+    each = "/".join(f"{100 * r['overall']['accuracy']:.1f}" for r in m["runs"])
+    return f"{100 * m['mean']:.1f}% +-{100 * m['sd']:.1f} ({each})"
+
+
+def _mean_cell(m: dict, grid: str, key: str, value):
+    """Accuracy in the cell ``key == value`` of each run's ``grid``: one run's interval, or the mean."""
+    rows = [next((r for r in run[grid] if r[key] == value), None) for run in m["runs"]]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return " " * 17
+    if len(rows) == 1:
+        return _pct(rows[0])
+    return f"{100 * sum(r['accuracy'] for r in rows) / len(rows):5.1f}% (mean)".center(17)
+
+
 def format_table(result: dict) -> str:
-    """The comparison as two text tables: accuracy by noise ratio, then by gold position with
-    the attention on the gold document and the costs."""
-    methods, meta = result["methods"], result["meta"]
-    first = next(iter(methods.values()))
-    ratios = [r["noise_ratio"] for r in first["by_noise"]]
-    positions = [r["gold_position"] for r in first["by_position"]]
-    blank = " " * 17
+    """The comparison as text: every method on every test set first, then one table per test set
+    (by noise ratio and gold position, question by question against base, attention on gold),
+    then the cost."""
+    meta, tests = result["meta"], result["tests"]
+    names = meta["methods"]
+    seeds = f"{len(meta['seeds'])} training seeds ({', '.join(map(str, meta['seeds']))})"
+    cols = {t: f"{Path(t).stem} (n={tests[t]['n']})" for t in tests}
+    width = {t: max(len(cols[t]), max(len(_summary(tests[t]["methods"][m])) for m in names)) for t in tests}
+    head = f"{'method':<11} | " + " | ".join(f"{cols[t]:^{width[t]}}" for t in tests)
+    lines = [f"Accuracy on every test set (lenient match). One run: 95% Wilson interval. Trained methods: mean "
+             f"+- sd over {seeds}, then each seed.", head, "-" * len(head)]
+    for name in names:
+        lines.append(f"{name:<11} | " + " | ".join(f"{_summary(tests[t]['methods'][name]):^{width[t]}}" for t in tests))
 
-    head = f"{'method':<11} | {'all':^17} {'n':>4} | " + " | ".join(f"noise {r}".center(17) for r in ratios)
-    lines = ["Accuracy (lenient match, 95% Wilson interval)", head, "-" * len(head)]
-    for name, m in methods.items():
-        noise = {r["noise_ratio"]: r for r in m["by_noise"]}
-        cells = " | ".join(_pct(noise[r]) if r in noise else blank for r in ratios)
-        lines.append(f"{name:<11} | {_pct(m['overall'])} {m['overall']['n']:>4} | {cells}")
+    for t, block in tests.items():
+        methods = block["methods"]
+        first = methods[names[0]]["runs"][0]
+        ratios = [r["noise_ratio"] for r in first["by_noise"]]
+        positions = [r["gold_position"] for r in first["by_position"]]
+        head = (f"{'method':<11} | " + " | ".join(f"noise {r}".center(17) for r in ratios) + " | "
+                + " | ".join(f"gold {p}".center(17) for p in positions) + " | vs base: fixed/broken per run | gold/distr.")
+        lines += ["", f"{Path(t).stem}: {block['n']} questions; by noise ratio, and by gold position on the noisy "
+                  "ones; one run's interval, or the mean over seeds", head, "-" * len(head)]
+        for name in names:
+            m = methods[name]
+            noise = " | ".join(_mean_cell(m, "by_noise", "noise_ratio", r) for r in ratios)
+            where = " | ".join(_mean_cell(m, "by_position", "gold_position", p) for p in positions)
+            vs = ", ".join(f"+{r['paired']['fixed']}/-{r['paired']['broken']} (p={r['paired']['p_value']:.2g})"
+                           for r in m["runs"] if r.get("paired")) if name != "base" else ""
+            gold = [r["gold_ratio"] for r in m["runs"] if r["gold_ratio"] is not None]
+            gold = f"{sum(gold) / len(gold):.2f}x" if gold else "n/a"
+            lines.append(f"{name:<11} | {noise} | {where} | {vs:<30} | {gold:>8}")
 
-    head = (f"{'method':<11} | " + " | ".join(f"gold {p}".center(17) for p in positions)
-            + " | vs base: fixed/broken (p) | gold/distr. | prefill | memory | training")
-    lines += ["", "Noisy questions (noise > 0) by gold position; attention and cost", head, "-" * len(head)]
-    for name, m in methods.items():
-        pos = {r["gold_position"]: r for r in m["by_position"]}
-        where = " | ".join(_pct(pos[p]) if p in pos else blank for p in positions)
-        gold = f"{m['gold_ratio']:.2f}x" if m["gold_ratio"] is not None else "n/a"
-        memory = f"{m['memory']['ratio']:.2f}x" if m["memory"]["ratio"] is not None else "n/a"
-        train = sum(s or 0 for s in m["training"].values())
-        vs = m.get("paired")
-        vs = f"+{vs['fixed']:<3} -{vs['broken']:<3} (p={vs['p_value']:.2g})" if vs else "n/a"
-        lines.append(f"{name:<11} | {where} | {vs:^25} | {gold:^11} | {m['prefill']['ratio']:6.2f}x | {memory:>6} | "
-                     f"{_seconds(train):>8}")
+    head = f"{'method':<11} | prefill / base | memory / base | training (one-off, per seed)"
+    lines += ["", f"Cost, side by side with base on the longest prompt of {Path(meta['tests'][0]).stem} "
+              f"({meta['prompt_tokens']} tokens)", head,
+              "-" * len(head)]
+    for name in names:
+        c = result["cost"][name]
+        memory = f"{c['memory']['ratio']:.2f}x" if c["memory"]["ratio"] is not None else "n/a"
+        train = [sum(s or 0 for s in parts.values()) for parts in c["training"].values()]
+        train = ", ".join(_seconds(s) for s in train) if any(train) else "-"
+        lines.append(f"{name:<11} | {c['prefill']['ratio']:13.2f}x | {memory:>13} | {train}")
     lines.append(
-        f"\n{meta['model']} on {meta['test']}: {meta['per_cell']} questions per noise x position cell, n={meta['n']} "
-        f"per method; profile {meta['profile']}; {meta['device']} ({meta['machine']}, {meta['threads']} threads); "
-        f"{meta['date']}.\ngold/distr.: attention of the last prompt token per gold document over per distractor "
-        f"(mean over layers). fixed/broken: questions the method gets right that base missed, and the reverse; p: exact sign test. prefill, memory: ratios to base on the longest test prompt ({meta['prompt_tokens']} "
-        "tokens), timed side by side (median of paired ratios; base vs itself shows the noise).\ntraining: one-off, "
-        "from the records of the weights used.")
+        f"\n{meta['model']}; {meta['per_cell']} questions per noise x position cell of each test set; profile "
+        f"{meta['profile']}; {meta['device']} ({meta['machine']}, {meta['threads']} threads); {meta['date']}.\n"
+        "gold/distr.: attention of the last prompt token per gold document over per distractor (mean over layers). "
+        "fixed/broken: questions a run gets right that base missed, and the reverse; p: exact sign test.\n"
+        "prefill, memory: ratios to base, timed side by side (median of paired ratios; base vs itself shows the "
+        "noise). training: one-off, from the records of the weights used.")
     return "\n".join(lines)
 
 
 def plot(result: dict, path=None):
-    """Accuracy vs noise ratio per method, accuracy by gold position, and accuracy vs prefill cost."""
+    """Accuracy of every method on every test set (each seed a dot), and accuracy by noise ratio
+    on each test set (mean over seeds)."""
     import matplotlib.pyplot as plt
 
-    from . import plots
-
-    methods = result["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
-    for i, (name, m) in enumerate(methods.items()):
-        shift = 0.01 * (i - (len(methods) - 1) / 2)  # keep the error bars apart
-        plots.plot_accuracy([dict(r, noise_ratio=r["noise_ratio"] + shift) for r in m["by_noise"]],
-                            x="noise_ratio", ax=axes[0], label=name)
-    axes[0].set_title("accuracy vs noise ratio")
-    positions = [r["gold_position"] for r in next(iter(methods.values()))["by_position"]]
-    width = 0.8 / len(methods)
-    for i, (name, m) in enumerate(methods.items()):
-        rows = {r["gold_position"]: r for r in m["by_position"]}
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(positions))]
-        acc = [100 * rows[p]["accuracy"] for p in positions]
-        err = [[100 * (rows[p]["accuracy"] - rows[p]["low"]) for p in positions],
-               [100 * (rows[p]["high"] - rows[p]["accuracy"]) for p in positions]]
-        axes[1].bar(xs, acc, width, yerr=err, capsize=2, label=name)
-    axes[1].set_xticks(range(len(positions)), positions)
-    axes[1].set_ylabel("accuracy (%), noisy questions")
-    axes[1].set_title("accuracy by gold position (r > 0)")
-    axes[1].legend(fontsize=8)
-    for name, m in methods.items():
-        o = m["overall"]
-        axes[2].errorbar(m["prefill"]["ratio"], 100 * o["accuracy"], capsize=3, marker="o",
-                         yerr=[[100 * (o["accuracy"] - o["low"])], [100 * (o["high"] - o["accuracy"])]])
-        axes[2].annotate(name, (m["prefill"]["ratio"], 100 * o["accuracy"]), textcoords="offset points", xytext=(6, 4))
-    axes[2].set_xlabel("prefill time / base (side by side)")
-    axes[2].set_ylabel("accuracy (%), all questions")
-    axes[2].set_title("what it buys vs what it costs")
-    axes[2].grid(alpha=0.3)
-    meta = result["meta"]
-    fig.suptitle(f"{meta['model']} on {meta['test']}, n={meta['n']} per method, profile {meta['profile']}", y=1.02)
+    meta, tests = result["meta"], result["tests"]
+    names = meta["methods"]
+    fig, axes = plt.subplots(1, 1 + len(tests), figsize=(5.5 * (1 + len(tests)), 4.2), squeeze=False)
+    ax = axes[0, 0]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tests))]
+        ax.bar(xs, [100 * tests[t]["methods"][name]["mean"] for t in tests], width, label=name, alpha=0.8)
+        for x, t in zip(xs, tests):
+            ax.plot([x] * len(tests[t]["methods"][name]["runs"]),
+                    [100 * r["overall"]["accuracy"] for r in tests[t]["methods"][name]["runs"]], "k.", ms=4)
+    ax.set_xticks(range(len(tests)), [Path(t).stem for t in tests])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("every method on every test set (dots: seeds)")
+    ax.legend(fontsize=8)
+    for ax, (t, block) in zip(axes[0, 1:], tests.items()):
+        for name in names:
+            runs = block["methods"][name]["runs"]
+            ratios = [r["noise_ratio"] for r in runs[0]["by_noise"] if isinstance(r["noise_ratio"], (int, float))]
+            if not ratios:
+                continue
+            acc = [100 * sum(next(r["accuracy"] for r in run["by_noise"] if r["noise_ratio"] == x) for run in runs)
+                   / len(runs) for x in ratios]
+            ax.plot(ratios, acc, marker="o", label=name)
+        ax.set_xlabel("noise ratio")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{Path(t).stem} (n={block['n']})")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{meta['model']}, profile {meta['profile']}, seeds {meta['seeds']}", y=1.02)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -405,8 +483,13 @@ def add_parser(subparsers):
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model name or Hub id (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; '+' combines (default: %(default)s)")
-    p.add_argument("--test", default="test_1hop", help="shipped test set name or JSONL path (default: %(default)s)")
-    p.add_argument("--per-cell", type=int, default=None, help="questions per (noise, position) cell (default: profile)")
+    p.add_argument("--test", default=DEFAULT_TESTS,
+                   help="comma-separated shipped test set names or JSONL paths (default: %(default)s)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds of the trained methods (default: the profile's)")
+    p.add_argument("--per-cell", type=int, default=None,
+                   help="questions per (noise, position) cell of each test set; a file without those fields is "
+                        "one cell, 'unknown' (default: profile)")
     p.add_argument("--profile", default=None, help="smoke|cpu|gpu (default: $MINIMAL_PROFILE, else by hardware)")
     p.add_argument("--weights", default=None, help=f"trained weights root (default: {WEIGHTS_DIR})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -421,11 +504,15 @@ def cli(args) -> int:
     matplotlib.use("Agg")
     try:  # the user's mistakes, before any model is loaded: a message, not a traceback
         parse_methods(args.methods)
-        data.load_test_set(args.test)
+        tests = parse_tests(args.test)
         profile = get_profile(args.profile)
+        seeds = None if args.seeds is None else [x.strip() for x in args.seeds.split(",") if x.strip()]
+        if seeds is not None and (not seeds or not all(x.isdigit() for x in seeds)):
+            raise ValueError(f"--seeds {args.seeds!r}: give comma-separated integers >= 0, e.g. 0,1,2")
+        seeds = None if seeds is None else [int(x) for x in seeds]
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"python -m minimal compare: error: {err}") from None
-    result = compare(args.model, args.methods, args.test, args.per_cell, args.weights, profile, args.device)
+    result = compare(args.model, args.methods, tests, args.per_cell, args.weights, profile, args.device, seeds)
     print()
     print(format_table(result))
     out = Path(args.out)

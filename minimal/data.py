@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class PhrasedRelation:
     values: tuple[str, ...]
 
 
-FAMILIES = ("default", "heldout")
+FAMILIES = ("default", "heldout", "varied")
 
 HELDOUT_RELATIONS = {
     r.name: r
@@ -241,6 +242,44 @@ FILLERS = (
     "{name} owns a large collection of old maps.",
 )
 
+# The varied training family: the six training relations, each in three fact and three question
+# phrasings (the first is the default template), in two-sentence documents with filler sentences of
+# its own. It shares no relation, phrasing or filler with the held-out family: training on it
+# teaches "find the sentence about this person" without ever showing a held-out shape.
+VARIED_RELATIONS = {
+    r.name: PhrasedRelation(r.name, (r.fact, *facts), (r.question, *questions), r.values)
+    for r, facts, questions in [
+        (RELATIONS["city"], ("{name} has made a home in {value}.", "{name} rents a flat in {value}."),
+         ("Where does {name} live?", "Which city is home to {name}?")),
+        (RELATIONS["job"], ("{name} earns a living as a {value}.", "By trade, {name} is a {value}."),
+         ("What does {name} do for a living?", "What is {name}'s profession?")),
+        (RELATIONS["year"], ("{name} came into the world in {value}.", "The birth year of {name} is {value}."),
+         ("When was {name} born?", "What year was {name} born in?")),
+        (RELATIONS["pet"], ("{name} looks after a {value} at home.", "A {value} is the pet of {name}."),
+         ("Which animal does {name} keep as a pet?", "What kind of pet lives with {name}?")),
+        (RELATIONS["instrument"], ("{name} practises the {value} daily.", "The {value} is what {name} plays."),
+         ("What instrument does {name} play?", "Which instrument is {name}'s?")),
+        (RELATIONS["language"], ("{name} grew up speaking {value}.", "The mother tongue of {name} is {value}."),
+         ("Which language did {name} grow up speaking?", "What is {name}'s mother tongue?")),
+    ]
+}
+TRAIN_FILLERS = (
+    "{name} likes long walks by the river.",
+    "{name} is a fan of old films.",
+    "{name} bakes bread on Sundays.",
+    "{name} once ran a half marathon.",
+    "{name} reads the news every morning.",
+    "{name} has three close friends from school.",
+    "{name} prefers tea to coffee.",
+    "{name} is learning to paint with watercolours.",
+    "{name} spends the summer holidays by the sea.",
+    "{name} takes the bus to work.",
+    "{name} keeps a small garden on the balcony.",
+    "{name} collects postcards from every trip.",
+)
+# family -> (relations, filler sentences) for the phrased families
+PHRASED = {"heldout": (HELDOUT_RELATIONS, FILLERS), "varied": (VARIED_RELATIONS, TRAIN_FILLERS)}
+
 # Base seeds of the held-out grids (a cell's seed is the base seed plus its distractor count).
 HELDOUT_SEED = 4234  # data/test_heldout.jsonl (test first names)
 HELDOUT_VALIDATION_SEED = 14234  # heldout_set(split="train"): the validation variant
@@ -265,8 +304,8 @@ def max_distractors(relations=None, hops: int = 1, split: str = "test", family: 
     """The most distractors per gold document that the name and value lists allow."""
     _check_choice("family", family, FAMILIES)
     relations = _check_relations(relations, family)
-    if family == "heldout":  # distinct first names and distinct last names within an example
-        n_values = min(len(HELDOUT_RELATIONS[r].values) for r in relations)
+    if family in PHRASED:  # distinct first names and distinct last names within an example
+        n_values = min(len(PHRASED[family][0][r].values) for r in relations)
         return min(n_values, len(FIRST_NAMES[split]), len(LAST_NAMES)) - 1
     n_values = min(len(RELATIONS[r].values) for r in relations)
     return min(n_values, len(full_names(split)) // hops) - 1  # 2-hop needs two names per chain
@@ -298,7 +337,8 @@ def generate(
     split: "train" or "test": which pool of first names the people come from.
     relations: names from ``RELATIONS`` to cycle through (example i uses
         ``relations[i % len(relations)]``); default all of them.
-    family: "default" (``RELATIONS``, one template each: what training uses) or "heldout"
+    family: "default" (``RELATIONS``, one template each), "varied" (the same six relations in
+        three phrasings each, two-sentence documents: the training recipe's synthetic half) or "heldout"
         (``HELDOUT_RELATIONS``: other relations, three phrasings per fact and per question,
         two-sentence documents; 1-hop only). ``relations`` then names held-out relations.
         The held-out family is for testing (split="test") and for choosing hyper-parameters
@@ -315,8 +355,8 @@ def generate(
     _check_choice("hops", hops, HOPS)
     _check_choice("split", split, SPLITS)
     _check_choice("family", family, FAMILIES)
-    if family == "heldout":
-        return _generate_heldout(n, k, noise_ratio, gold_position, hops, split, seed, relations)
+    if family in PHRASED:
+        return _generate_phrased(family, n, k, noise_ratio, gold_position, hops, split, seed, relations)
     relations = _check_relations(relations)
     if k > max_distractors(relations, hops, split):
         raise ValueError(
@@ -349,24 +389,25 @@ def generate(
     return examples
 
 
-def _generate_heldout(n, k, noise_ratio, gold_position, hops, split, seed, relations) -> list[dict]:
-    """``generate(..., family="heldout")``; the arguments are already checked."""
+def _generate_phrased(family, n, k, noise_ratio, gold_position, hops, split, seed, relations) -> list[dict]:
+    """``generate(..., family="heldout" or "varied")``; the arguments are already checked."""
     if hops != 1:
-        raise ValueError(f"hops={hops!r}: the held-out family has 1-hop questions only")
-    relations = _check_relations(relations, "heldout")
-    if k > max_distractors(relations, hops, split, "heldout"):
+        raise ValueError(f"hops={hops!r}: the {family} family has 1-hop questions only")
+    relations = _check_relations(relations, family)
+    if k > max_distractors(relations, hops, split, family):
         raise ValueError(
-            f"num_distractors={k} is more than the lists allow for held-out relations {relations}: "
-            f"at most {max_distractors(relations, hops, split, 'heldout')}"
+            f"num_distractors={k} is more than the lists allow for {family} relations {relations}: "
+            f"at most {max_distractors(relations, hops, split, family)}"
         )
+    table, fillers = PHRASED[family]
     rng = random.Random(seed)
     examples = []
     for i in range(n):
-        relation = HELDOUT_RELATIONS[relations[i % len(relations)]]
-        gold_docs, distractors, question, answer = _one_hop_heldout(rng, relation, split, k)
+        relation = table[relations[i % len(relations)]]
+        gold_docs, distractors, question, answer = _one_hop_phrased(rng, relation, split, k, fillers)
         documents, gold = _place(gold_docs, distractors, gold_position, rng)
         examples.append({
-            "id": f"{split}-heldout-1hop-d{k}-{gold_position}-s{seed}-{i}",
+            "id": f"{split}-{family}-1hop-d{k}-{gold_position}-s{seed}-{i}",
             "documents": documents,
             "gold": gold,
             "question": question,
@@ -378,12 +419,12 @@ def _generate_heldout(n, k, noise_ratio, gold_position, hops, split, seed, relat
             "gold_position": gold_position,
             "split": split,
             "seed": seed,
-            "family": "heldout",
+            "family": family,
         })
     return examples
 
 
-def _one_hop_heldout(rng: random.Random, relation: PhrasedRelation, split: str, k: int):
+def _one_hop_phrased(rng: random.Random, relation: PhrasedRelation, split: str, k: int, fillers):
     """k + 1 people (distinct first and last names), k + 1 distinct values, one two-sentence
     document each: the fact in a phrasing drawn per document and a filler sentence, in an
     order drawn per document. The first person is asked about, in a drawn question phrasing."""
@@ -391,7 +432,7 @@ def _one_hop_heldout(rng: random.Random, relation: PhrasedRelation, split: str, 
     values = rng.sample(relation.values, k + 1)
     docs = []
     for first, last, value in zip(firsts, lasts, values):
-        fact, filler = rng.choice(relation.facts), rng.choice(FILLERS)
+        fact, filler = rng.choice(relation.facts), rng.choice(fillers)
         if rng.random() < 0.5:  # filler first: it names the person in full
             sentences = [filler.format(name=f"{first} {last}"), fact.format(name=first, value=value)]
         else:
@@ -465,7 +506,7 @@ def _check_choice(name: str, value, allowed) -> None:
 
 
 def _check_relations(relations, family: str = "default") -> list[str]:
-    table = HELDOUT_RELATIONS if family == "heldout" else RELATIONS
+    table = PHRASED[family][0] if family in PHRASED else RELATIONS
     if relations is None:
         return list(table)
     if isinstance(relations, str):
@@ -595,6 +636,56 @@ def load_test_set(name_or_path) -> list[dict]:
         names = sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
         raise FileNotFoundError(f"no test set {str(name_or_path)!r}: not a file, nor one of {names}")
     return read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Real-text training and validation questions (Natural Questions, disjoint from test_nq)
+
+NQ_TRAINVAL = "nq_trainval"  # data/nq_trainval.jsonl: one gold passage per question, no distractors
+NQ_VALIDATION_EVERY = 6  # every 6th question of that file is validation, the rest training
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _mentions(passage_words: list[str], answers: list[str]) -> bool:
+    text = " " + " ".join(passage_words) + " "
+    return any(f" {' '.join(_words(a))} " in text for a in answers if _words(a))
+
+
+def nq_examples(part: str, n: int | None = None, noise_ratios=(0.0, 0.5, 0.8), seed: int = 0) -> list[dict]:
+    """Natural Questions with their Wikipedia passage and distractor passages, for training
+    (``part="train"``) or choosing hyper-parameters (``part="validation"``).
+
+    From ``data/nq_trainval.jsonl``, whose questions and passages never occur in ``test_nq``.
+    Example i takes noise ratio ``noise_ratios[i % len]`` and that many distractors
+    (``distractors_for_noise_ratio``): the passages of the same part that share the most words
+    with the question and mention none of its answers, like a retriever's near misses. The gold
+    position is drawn (seeded). ``n``: how many (default: every question of the part, shuffled).
+    """
+    _check_choice("part", part, ("train", "validation"))
+    rows = read_jsonl(DATA_DIR / f"{NQ_TRAINVAL}.jsonl")
+    rows = [r for i, r in enumerate(rows) if (i % NQ_VALIDATION_EVERY == 0) == (part == "validation")]
+    rng = random.Random(seed)
+    order = rng.sample(range(len(rows)), len(rows))[: n or len(rows)]
+    passages = [r["documents"][0] for r in rows]
+    passage_words = [_words(p) for p in passages]
+    passage_sets = [set(w) for w in passage_words]
+    examples = []
+    for i, q in enumerate(order):
+        row, ratio = rows[q], noise_ratios[i % len(noise_ratios)]
+        asked = set(_words(row["question"]))
+        candidates = [j for j in range(len(rows)) if j != q and not _mentions(passage_words[j], row["answers"])]
+        candidates.sort(key=lambda j: -len(asked & passage_sets[j]))
+        k = distractors_for_noise_ratio(ratio)
+        documents, gold = _place([passages[q]], [passages[j] for j in candidates[:k]], "random", rng)
+        examples.append({
+            "id": f"nq-{part}-d{k}-s{seed}-{i}", "documents": documents, "gold": gold,
+            "question": row["question"], "answers": row["answers"], "hops": 1, "num_distractors": k,
+            "noise_ratio": float(ratio), "gold_position": "random", "split": "train", "source": "nq-open",
+        })
+    return examples
 
 
 # ----------------------------------------------------------------------------------------

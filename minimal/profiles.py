@@ -53,7 +53,9 @@ SIZES: dict[str, tuple] = {
     "sra_sweep_factors": ((0.5,), (0.3, 0.5), (0.1, 0.3, 0.5)),  # f = f_inner = f_outer values swept
     "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
     # 07 comparison (python -m minimal compare)
-    "compare_per_cell": (1, 30, 30),  # test_1hop questions per (noise, position) cell (30: all 300), every method
+    "compare_train_steps": (1, 32, 500),  # steps of batch opamp_train_batch on training_mix, lora and opamp alike
+    "compare_seeds": ((0,), (0, 1, 2), (0, 1, 2)),  # training seeds of the trained methods
+    "compare_per_cell": (1, 5, 30),  # questions per (noise, position) cell of each test set (cpu: 50 a set)
     "compare_repeats": (3, 11, 21),  # paired prefill timings per method (median ratio to base)
     # 06 pear
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),

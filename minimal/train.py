@@ -40,6 +40,7 @@ from .opamp import opamp_parameters
 __all__ = [
     "TrainConfig",
     "training_examples",
+    "training_mix",
     "encode_example",
     "collate",
     "prepare_for_training",
@@ -98,6 +99,24 @@ def training_examples(n: int, noise_ratios=NOISE_RATIOS, seed: int = 0) -> list[
     for i, ratio in enumerate(noise_ratios):
         examples += data.generate(per, noise_ratio=ratio, gold_position="random", split="train",
                                   seed=10_000 * seed + i)
+    random.Random(seed).shuffle(examples)
+    return examples[:n]
+
+
+def training_mix(n: int, seed: int = 0, nq_share: float = 0.5) -> list[dict]:
+    """The recipe that aims beyond the templates: ``n`` examples, shuffled (seeded), of which
+    ``nq_share`` are real-text questions (``data.nq_examples("train")``: Natural Questions with
+    look-alike passages, noise ratios 0 / 0.5 / 0.8) and the rest synthetic questions in varied
+    phrasings with two-sentence documents (``family="varied"``, noise ratios 0 / 0.5 / 0.8 / 0.9).
+    None of it shares a question, passage, relation or phrasing with the test sets."""
+    if not 0 <= nq_share <= 1:
+        raise ValueError(f"nq_share must be in [0, 1], got {nq_share!r}")
+    n_nq = round(n * nq_share)
+    per = math.ceil((n - n_nq) / len(NOISE_RATIOS))
+    examples = data.nq_examples("train", n_nq, seed=seed) if n_nq else []
+    for i, ratio in enumerate(NOISE_RATIOS):
+        examples += data.generate(per, noise_ratio=ratio, gold_position="random", split="train",
+                                  family="varied", seed=10_000 * seed + 100 + i)[: max(0, n - n_nq - i * per)]
     random.Random(seed).shuffle(examples)
     return examples[:n]
 

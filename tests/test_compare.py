@@ -31,7 +31,7 @@ def weights(tmp_path_factory):
 
 def test_missing_weights_are_trained_saved_and_then_loaded(weights):
     root, records = weights
-    folder = compare.weights_dir(TINY, root)
+    folder = compare.weights_dir(TINY, root) / "seed0"
     assert (folder / "opamp" / "adapters" / "adapters.safetensors").exists()
     assert (folder / "lora" / "lora" / "adapter_config.json").exists()
     assert set(records) == {"lora", "opamp", "pear"} and records["opamp"]["K"] == compare.K
@@ -47,7 +47,7 @@ def test_built_methods_equal_their_unmerged_forms(weights):
     from minimal.opamp import load_opamp
 
     root, _ = weights
-    folder = compare.weights_dir(TINY, root)
+    folder = compare.weights_dir(TINY, root) / "seed0"
     ids = torch.randint(100, 2000, (2, 24))
     model, _ = compare.build("opamp+pear", TINY, root)
     reference, _ = load_model(TINY)
@@ -71,23 +71,38 @@ def test_weights_of_another_model_are_refused(weights, tmp_path):
             compare.build(method, "tiny-qwen2", tmp_path)
 
 
-def test_compare_end_to_end_on_a_custom_test_file(weights, tmp_path, capsys):
+def test_compare_end_to_end_on_two_test_files_and_two_seeds(weights, tmp_path, capsys):
     root, _ = weights
     examples = data.generate(3, noise_ratio=0.8, split="test", seed=5) + data.generate(1, noise_ratio=0.0, seed=6)
     test = data.write_jsonl(examples, tmp_path / "mine.jsonl")
-    argv = ["compare", "--model", TINY, "--methods", "base,pear+sra", "--test", str(test), "--per-cell", "2",
-            "--weights", str(root), "--out", str(tmp_path / "out")]
+    # a user's own file: only the five required fields
+    own = [{k: e[k] for k in ("id", "documents", "gold", "question", "answers")} for e in examples]
+    bare = data.write_jsonl(own, tmp_path / "bare.jsonl")
+    argv = ["compare", "--model", TINY, "--methods", "base,pear+sra", "--test", f"{test},{bare}", "--per-cell", "2",
+            "--seeds", "0,1", "--weights", str(root), "--out", str(tmp_path / "out")]
     from minimal.__main__ import main
 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert (tmp_path / "out" / "compare.png").exists()
-    assert list(result["methods"]) == ["base", "pear+sra"]
-    for name, m in result["methods"].items():
-        assert m["overall"]["n"] == len(m["records"]) == 3  # 2 per cell: (0.8, each position) + (0.0, first)
-        assert m["prefill"]["ratio"] > 0 and name in printed
-    assert result["methods"]["pear+sra"]["training"]["pear"] > 0
+    assert list(result["tests"]) == [str(test), str(bare)]
+    assert (compare.weights_dir(TINY, root) / "seed1" / "pear.json").exists()  # seed 1 trained on first use
+    for t, block in result["tests"].items():
+        assert list(block["methods"]) == ["base", "pear+sra"] and f"{block['n']}" in printed
+        base, method = block["methods"]["base"], block["methods"]["pear+sra"]
+        assert [r["seed"] for r in base["runs"]] == [None] and [r["seed"] for r in method["runs"]] == [0, 1]
+        for run in base["runs"] + method["runs"]:
+            assert run["overall"]["n"] == len(run["records"]) == block["n"]
+            assert "paired" in run
+        accs = torch.tensor([r["overall"]["accuracy"] for r in method["runs"]], dtype=torch.float64)
+        assert abs(method["mean"] - accs.mean().item()) < 1e-12 and abs(method["sd"] - accs.std().item()) < 1e-12
+    # the first file has 2 per cell: (0.8, each position) + (0.0, first); the bare one is one cell, "unknown"
+    assert result["tests"][str(test)]["n"] == 3 and result["tests"][str(bare)]["n"] == 2
+    bare_noise = result["tests"][str(bare)]["methods"]["base"]["runs"][0]["by_noise"]
+    assert [r["noise_ratio"] for r in bare_noise] == ["unknown"] and "noise unknown" in printed
+    assert result["cost"]["pear+sra"]["prefill"]["ratio"] > 0
+    assert all(v["pear"] > 0 for v in result["cost"]["pear+sra"]["training"].values())
 
 
 def test_bad_test_file_names_line_and_field(tmp_path):
@@ -114,6 +129,8 @@ def test_command_line_mistakes_get_a_message_not_a_traceback():
     from minimal.__main__ import main
 
     for argv, words in [(["--methods", "base,attn"], "known methods are"),
-                        (["--test", "nope.jsonl"], "no test set"), (["--profile", "huge"], "huge")]:
+                        (["--test", "nope.jsonl"], "no test set"), (["--test", "test_1hop,nope"], "no test set"),
+                        (["--seeds", "x"], "comma-separated integers"), (["--seeds", "-1"], "seeds"),
+                        (["--profile", "huge"], "huge")]:
         with pytest.raises(SystemExit, match=words):
             main(["compare", *argv])

@@ -469,3 +469,48 @@ def test_minimal_user_file_loads_and_groups_as_unknown(tmp_path):
     path.write_text(json.dumps(dict(rows[0], hops=2)) + "\n")
     with pytest.raises(ValueError, match="'gold'.*one index per hop"):
         read_jsonl(path)
+
+
+def test_varied_training_family_shares_nothing_with_the_heldout_family():
+    """family="varied" (the training recipe's synthetic half): the six training relations in three
+    phrasings, two-sentence documents; never a held-out relation, phrasing, filler or value."""
+    from minimal.data import FILLERS, TRAIN_FILLERS, VARIED_RELATIONS
+
+    patterns = [template_regex(t) for t in HELDOUT_TEMPLATES]
+    values = {v for r in HELDOUT_RELATIONS.values() for v in r.values}
+    assert set(VARIED_RELATIONS) == set(RELATIONS) and not set(FILLERS) & set(TRAIN_FILLERS)
+    for name, r in VARIED_RELATIONS.items():
+        assert r.facts[0] == RELATIONS[name].fact and len(set(r.facts)) == len(set(r.questions)) == 3
+    seen_facts = set()
+    for seed in range(10):
+        for ex in generate(30, noise_ratio=0.8, split="train", family="varied", seed=seed):
+            assert ex["family"] == "varied" and ex["relation"] in RELATIONS and len(ex["documents"]) == 5
+            for text in ex["documents"] + [ex["question"]]:
+                assert not any(p.search(text) for p in patterns), text
+                assert not set(re.findall(r"\w+", text)) & values, text
+            assert all(doc.count(". ") == 1 for doc in ex["documents"])  # two sentences each
+            gold = ex["documents"][ex["gold"][0]]
+            seen_facts |= {f for f in VARIED_RELATIONS[ex["relation"]].facts if template_regex(f).search(gold)}
+            assert ex["answers"][0] in gold
+    assert len(seen_facts) == 18  # every phrasing of every relation occurs
+
+
+def test_nq_training_questions_never_meet_the_test_set():
+    from minimal.data import nq_examples
+
+    test = load_test_set("test_nq")
+    test_questions = {e["question"] for e in test}
+    test_passages = {e["documents"][g] for e in test for g in e["gold"]}  # the passages that answer test questions
+    train, val = nq_examples("train", seed=1), nq_examples("validation", seed=1)
+    assert len(train) + len(val) == len(read_jsonl(DATA_DIR / "nq_trainval.jsonl"))
+    assert not {e["question"] for e in train} & {e["question"] for e in val}
+    for ex in train + val:
+        assert ex["question"] not in test_questions and ex["split"] == "train"
+        assert not set(ex["documents"]) & test_passages
+        k = ex["num_distractors"]
+        assert len(ex["documents"]) == k + 1 and k == {0.0: 0, 0.5: 1, 0.8: 4}[ex["noise_ratio"]]
+        words = " " + " ".join(re.findall(r"\w+", ex["documents"][ex["gold"][0]].lower())) + " "
+        assert any(" " + " ".join(re.findall(r"\w+", a.lower())) + " " in words for a in ex["answers"])
+    assert nq_examples("train", 5, seed=1) == train[:5]  # seeded, n takes the first n
+    with pytest.raises(ValueError, match="part='test'"):
+        nq_examples("test")

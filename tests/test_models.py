@@ -67,8 +67,8 @@ def test_shipped_weights_follow_the_model_not_the_file(capsys):
     since tests never download) takes them too, and says so; another model is refused."""
     from minimal import compare, models, opamp, pear
 
-    folder = compare.weights_dir(models.DEFAULT_HUB_ID)
-    assert folder == compare.weights_dir("smollm2-135m")  # one folder, whichever name is asked for
+    folder = compare.weights_dir(models.DEFAULT_HUB_ID) / "seed0"
+    assert folder == compare.weights_dir("smollm2-135m") / "seed0"  # one folder, whichever name is asked for
     model, tok = load_model()
     assert models.default_model_source(model) == "gguf"
     model.config._name_or_path = models.DEFAULT_HUB_ID  # as load_model(source="hub") names it

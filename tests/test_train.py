@@ -10,7 +10,7 @@ from minimal import load_model
 from minimal.opamp import add_opamp, load_opamp, opamp_layers, opamp_parameters
 from minimal.train import (
     TrainConfig, cli_train_opamp, collate, encode_example, load_model_4bit, prepare_for_training, train,
-    training_examples,
+    training_examples, training_mix,
 )
 
 
@@ -21,6 +21,18 @@ def test_training_examples_are_train_split_and_mix_noise_ratios():
     assert ex == training_examples(40, noise_ratios=(0.0, 0.8), seed=3)  # seeded
     test_people = {q for e in __import__("minimal").data.load_test_set("test_1hop") for q in [e["question"]]}
     assert not any(e["question"] in test_people for e in ex)
+
+
+def test_training_mix_is_half_real_text_half_varied_synthetic_and_seeded():
+    ex = training_mix(40, seed=2)
+    assert len(ex) == 40 and all(e["split"] == "train" for e in ex)
+    assert sum(e.get("source") == "nq-open" for e in ex) == 20
+    assert {e["family"] for e in ex if "family" in e} == {"varied"}
+    assert {e["noise_ratio"] for e in ex if e.get("family") == "varied"} == {0.0, 0.5, 0.8, 0.9}
+    assert ex == training_mix(40, seed=2) and ex != training_mix(40, seed=3)
+    assert all(e.get("source") != "nq-open" for e in training_mix(10, seed=2, nq_share=0))
+    with pytest.raises(ValueError, match="nq_share"):
+        training_mix(10, nq_share=1.5)
 
 
 def test_labels_cover_exactly_the_answer_and_end_of_turn():
