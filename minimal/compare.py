@@ -224,10 +224,17 @@ def _load_lora(model, path: Path, model_name: str):
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
+SRA_GAIN = 4.0  # the authors' g; kept after scripts/choose_on_validation.py (validation questions only)
+
+
 def default_sra_config(tokenizer, **factors) -> sra.SRAConfig:
-    """SRA's begin/tail read off train-split prompts (all noise ratios); the authors' g and f."""
-    examples = [e for r in (0.0, 0.5, 0.8, 0.9) for e in data.generate(8, noise_ratio=r, split="train", seed=7)]
-    return sra.config_for_prompts(tokenizer, examples, **factors)
+    """SRA's begin/tail read off training prompts of every kind compare meets (template and varied
+    synthetic questions, Natural Questions: their longest question sets the tail), the authors' f,
+    and the gain ``SRA_GAIN``."""
+    examples = [e for r in (0.0, 0.5, 0.8, 0.9) for family in ("default", "varied")
+                for e in data.generate(8, noise_ratio=r, split="train", family=family, seed=7)]
+    examples += data.nq_examples("train", 32, noise_ratios=(0.0,), seed=7)
+    return sra.config_for_prompts(tokenizer, examples, **{"gain": SRA_GAIN, **factors})
 
 
 # ----------------------------------------------------------------------------- the comparison
