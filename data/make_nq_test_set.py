@@ -38,6 +38,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -51,7 +52,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from minimal.data import write_jsonl  # noqa: E402
 from minimal.evaluate import normalize_answer  # noqa: E402
 
-DEFAULT_SOURCE = ROOT / ".." / "shared" / "data" / "nq-open-oracle-dev.jsonl.gz"
+# The source file: nq-open-oracle (dev half) from the Lost in the Middle repository. Give its path with
+# --source, or in $NQ_OPEN_ORACLE (the test that regenerates the shipped files reads it from there).
+SOURCE_ENV = "NQ_OPEN_ORACLE"
 SEED = 5234
 MAX_WORDS = 100
 PER_CELL = 30
@@ -72,7 +75,7 @@ s t get got gets also much many one first last name called
 # ----------------------------------------------------------------------------- the source
 
 
-def load_source(path=DEFAULT_SOURCE) -> list[dict]:
+def load_source(path) -> list[dict]:
     """One row per source line: question, answers, title, text (the gold passage, in full)."""
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -200,8 +203,8 @@ def trainval_examples(rows: list[dict], seed: int = SEED, num_distractors: int =
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(DEFAULT_SOURCE),
-                        help="nq-open-oracle (dev half) .jsonl.gz (default: %(default)s)")
+    parser.add_argument("--source", default=os.environ.get(SOURCE_ENV), required=SOURCE_ENV not in os.environ,
+                        help=f"nq-open-oracle (dev half) .jsonl.gz (default: ${SOURCE_ENV})")
     parser.add_argument("--out", default=str(HERE), help="folder for the two files (default: %(default)s)")
     args = parser.parse_args(argv)
     rows = load_source(args.source)

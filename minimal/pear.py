@@ -25,8 +25,8 @@ scaling head ``h`` by ``tau_h`` is the same as scaling the columns ``W_O[:, hD:(
 >>> scales, history = train_coefficients(model, heads, sequences=512)
 >>> fold(model, scales.coefficients())                             # plain model again
 
-Tags as in DESIGN.md: [paper] stated in the paper, [code] the authors' code as summarised in
-DESIGN.md, [choice] this project's decision.
+Tags: [paper] stated in the paper, [code] read in the authors' public code, [choice] this
+project's decision.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
 
         score[l, h] = mean_b [ s_ablated(b) - s_clean(b) ],   s = logit(target) - mean logit
 
-    then averaged over the settings (one batch each). Two variants [DESIGN.md]:
+    then averaged over the settings (one batch each). Two variants [choice]:
 
     - ``"path"`` (path patching, the authors' choice [code]): the q/k/v of every later head are
       frozen to the clean run, so every later attention output at the final position is the

@@ -415,9 +415,12 @@ def test_nq_layout_and_split():
 
 
 def test_nq_files_equal_a_regeneration(nq_script):
-    if not nq_script.DEFAULT_SOURCE.exists():
-        pytest.skip("the NQ source file is not here (python data/make_nq_test_set.py --source PATH)")
-    rows = nq_script.load_source(nq_script.DEFAULT_SOURCE)
+    import os
+
+    source = os.environ.get(nq_script.SOURCE_ENV)
+    if not source:
+        pytest.skip(f"${nq_script.SOURCE_ENV} does not name the NQ source file (data/README.md says which)")
+    rows = nq_script.load_source(source)
     assert len(rows) == 1325
     assert load_test_set("test_nq") == nq_script.test_examples(rows)
     assert load_test_set("nq_trainval") == nq_script.trainval_examples(rows)

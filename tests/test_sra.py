@@ -11,7 +11,7 @@ from minimal import hooks, sra
 from minimal.sra import SRAConfig
 
 # ----------------------------------------------------------------------------------------
-# The independent computation: the authors' algorithm as DESIGN.md states it, transcribed
+# The independent computation: the authors' algorithm as their public code runs it, transcribed
 # loop by loop, batch 1, in place, on Python lists. Nothing here is shared with minimal.sra.
 
 
