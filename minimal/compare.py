@@ -397,7 +397,8 @@ def format_table(result: dict) -> str:
     then the cost."""
     meta, tests = result["meta"], result["tests"]
     names = meta["methods"]
-    seeds = f"{len(meta['seeds'])} training seeds ({', '.join(map(str, meta['seeds']))})"
+    seeds = (f"{len(meta['seeds'])} training seeds ({', '.join(map(str, meta['seeds']))})" if len(meta["seeds"]) > 1
+             else f"one training seed ({meta['seeds'][0]})")
     cols = {t: f"{Path(t).stem} (n={tests[t]['n']})" for t in tests}
     width = {t: max(len(cols[t]), max(len(_summary(tests[t]["methods"][m])) for m in names)) for t in tests}
     head = f"{'method':<11} | " + " | ".join(f"{cols[t]:^{width[t]}}" for t in tests)
