@@ -248,7 +248,9 @@ TRAINED = {"lora", "opamp", "pear"}  # parts whose weights depend on a training 
 
 def parse_tests(text) -> list[str]:
     """``"test_1hop,test_nq"`` (or a list) -> the names or paths, each one loadable; else ValueError."""
-    tests = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if isinstance(text, Path):
+        text = [text]
+    tests = [str(t).strip() for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
     if not tests:
         raise ValueError("test is empty: name a shipped test set (test_1hop, test_heldout, test_nq, ...) or a JSONL path")
     for t in tests:
