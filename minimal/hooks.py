@@ -1,55 +1,67 @@
-"""The one attention function every method plugs into, and attention capture.
+"""One way to put a method on a model and take it off.
 
-transformers lets a project register its own attention function; the model's attention
-modules then call it with the projected (and RoPE-rotated) queries and keys::
+transformers lets a project register its own attention function; every attention module
+then calls it with the projected, RoPE-rotated queries and keys. We register one,
+``"minimal"``, and each layer dispatches on two attributes of its ``self_attn`` module:
 
-    fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw)
-        query (B, H, T, D), key/value (B, Hkv, S, D)  ->  (out (B, T, H, D), weights or None)
+- ``calibration``: a method that changes attention (OpAmp, SRA, ``Eliminate``) or nothing,
+  in which case the layer runs transformers' own SDPA attention, bit for bit the stock model;
+- ``capture``: something that reads the map the layer used (``AttentionCapture``,
+  ``attention_stats.AttentionStatistics``) and changes nothing.
 
-We register one such function, ``"minimal"``, and dispatch per layer:
+A method is any object with a ``slot`` (``"calibration"`` or ``"capture"``) and:
 
-- ``module.calibration`` (an OpAmp, SRA, ... object, or absent): when absent the layer runs
-  plain scaled-dot-product attention, exactly as the stock model does;
-- ``module.attention_capture`` (absent unless :func:`capture_attention` is active): records
-  the attention probabilities the layer really used, reduced or in full.
+    calibration(module, query, key, value, attention_mask, scaling) -> out (B, H, T, D) or None
+        query (B, H, T, D), key and value (B, Hkv, S, D); None = "plain attention here"
+    calibration.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional:
+        the map it really uses, so captures show it (default: :func:`layer_probs`)
+    capture.record(module, query, key, attention_mask, scaling)
 
-A calibration object is a callable with the attention function's signature that returns
-``out (B, T, H, D)``. If it changes the attention map it also offers
-``probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)`` so capture can
-show the map it used. Parameters a method adds live inside ``module.calibration`` (an
-``nn.Module``), so ``state_dict``, ``.to(device)`` and PEFT's ``modules_to_save`` see them.
+Put it on with :func:`attach` (all layers, or ``layers=[...]``, or ``{layer: method}`` for one
+object per layer) and take it off with the handle's ``remove()``, or use the handle as a
+context manager::
+
+    handle = attach(model, Eliminate(1e-2))          # or: with attach(model, Eliminate(1e-2)):
+    model(input_ids)
+    handle.remove()
+
+A method that is an ``nn.Module`` becomes a submodule of its layer, so ``state_dict``,
+``.to(device)`` and PEFT's ``modules_to_save`` see its parameters. ``minimal/eliminate.py`` is
+the smallest complete method: the one to copy for a new one.
 
 The mask: we register transformers' SDPA mask function under the same name, so
-``attention_mask`` is either a boolean ``(B, 1, T, S)`` tensor (True = attend) or ``None``
-when SDPA's own ``is_causal`` suffices; :func:`boolean_mask` turns both into a tensor.
+``attention_mask`` is a boolean ``(B, 1, T, S)`` tensor (True = attend) or ``None`` when SDPA's
+``is_causal`` suffices (top-left aligned; for ``T == S`` that is the usual causal mask).
+:func:`boolean_mask` turns both into a tensor. transformers drops the mask when nothing is
+padded, so the hook also notes, per model call, whether the caller passed one
+(``mask_given(module)``).
 """
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
-
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention import grouped_scores, masked_softmax
+
 ATTENTION_NAME = "minimal"
-
-
-# ----------------------------------------------------------------------------- the hook
+SLOTS = ("calibration", "capture")
 
 
 def minimal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: per-layer dispatch, then optional capture."""
+    """The registered attention function: the layer's calibration (or SDPA), then its capture."""
     method = getattr(module, "calibration", None)
-    if method is None:
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if method is not None and dropout:
+        raise ValueError(f"{type(method).__name__} runs without attention dropout; the model asks for {dropout}")
+    out = None if method is None else method(module, query, key, value, attention_mask, scaling)
+    if out is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)  # (B, T, H, D)
     else:
-        out = method(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    capture = getattr(module, "attention_capture", None)
+        out = out.transpose(1, 2).contiguous()  # (B, H, T, D) -> (B, T, H, D), what the layer expects
+    capture = getattr(module, "capture", None)
     if capture is not None:
         capture.record(module, query, key, attention_mask, scaling)
     return out, None
@@ -60,15 +72,9 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The model's self-attention modules, in layer order.
-
-    We understand the Llama-style module that transformers uses for Llama, Qwen2 and Mistral:
-    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim`` and ``layer_idx``.
-    """
-    found = [
-        m for m in model.modules()
-        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"))
-    ]
+    """The model's self-attention modules in layer order (Llama, Qwen2, Mistral: the layer finder)."""
+    found = [m for m in model.modules()
+             if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"))]
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no attention module the minimal hook understands "
@@ -78,24 +84,116 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def install(model):
-    """Route the model's attention through :func:`minimal_attention` (idempotent).
+class _CallState:
+    """Shared by a model's attention modules: did the current model call pass attention_mask?"""
 
-    With no calibration attached, the outputs equal the stock SDPA model's.
+    mask_given: bool | None = None
+
+
+def install(model) -> list[torch.nn.Module]:
+    """Route the model's attention through :func:`minimal_attention` (idempotent); returns the modules.
+
+    With nothing attached the outputs equal the stock SDPA model's.
     """
-    modules = attention_modules(model)  # raises for models we do not understand
+    modules = attention_modules(model)
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    if not hasattr(model, "_minimal_call"):
+        state = _CallState()
+
+        def note_mask(_model, args, kwargs):
+            # generate() builds the mask from the pad token itself and drops it when nothing is
+            # padded; its calls carry a cache, so a missing mask there really means "no padding"
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            state.mask_given = mask is not None or kwargs.get("past_key_values") is not None
+
+        model._minimal_call = (state, model.register_forward_pre_hook(note_mask, with_kwargs=True))
+        for m in modules:
+            m._minimal_call = state
     return modules
 
 
+def mask_given(module) -> bool | None:
+    """Whether the model call now running passed an attention mask (None: not known)."""
+    state = getattr(module, "_minimal_call", None)
+    return None if state is None else state.mask_given
+
+
 def uninstall(model) -> None:
-    """Back to stock SDPA attention, detaching every calibration and capture."""
+    """Back to stock SDPA attention: every method detached, the pre-hook removed."""
     for m in attention_modules(model):
-        for name in ("calibration", "attention_capture"):
-            if hasattr(m, name):
+        for name in (*SLOTS, "_minimal_call"):
+            if name in vars(m) or name in m._modules:
                 delattr(m, name)
+    if hasattr(model, "_minimal_call"):
+        model._minimal_call[1].remove()
+        del model._minimal_call
     model.set_attn_implementation("sdpa")
+
+
+# ----------------------------------------------------------------------------- attach / detach
+
+
+class Attached:
+    """What :func:`attach` returns: ``remove()`` it, or use it in a ``with`` block (yields the method)."""
+
+    def __init__(self, model, placed: dict[torch.nn.Module, object], method):
+        self.model, self.placed, self.method = model, placed, method
+
+    def remove(self) -> None:
+        for m, method in self.placed.items():
+            if getattr(m, method.slot, None) is method:
+                delattr(m, method.slot)
+
+    def __enter__(self):
+        return self.method
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def attach(model, method, layers=None) -> Attached:
+    """Put ``method`` on the attention layers: all, the indices in ``layers``, or ``{layer: method}``.
+
+    Installs the hook if needed. Raises ValueError for a layer index the model does not have or
+    a layer whose slot is taken (remove the other method first).
+    """
+    modules = install(model)
+    per_layer = method if isinstance(method, dict) else None
+    chosen = check_layers(list(per_layer) if per_layer is not None else layers, len(modules))
+    placed = {modules[i]: per_layer[i] if per_layer is not None else method for i in chosen}
+    for m, meth in placed.items():
+        other = getattr(m, meth.slot, None)
+        if other is not None:
+            raise ValueError(f"layer {m.layer_idx} already carries {type(other).__name__} as its {meth.slot}; "
+                             "remove it first")
+    for m, meth in placed.items():
+        setattr(m, meth.slot, meth)
+    return Attached(model, placed, method)
+
+
+def check_layers(layers, n: int) -> list[int]:
+    """``layers`` (None = all ``n``) as sorted distinct indices; ValueError for anything else."""
+    if layers is None:
+        return list(range(n))
+    chosen = sorted(set(layers))
+    if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in chosen):
+        raise ValueError(f"layers must be a non-empty list of layer indices in [0, {n}), got {layers!r}")
+    return chosen
+
+
+def detach(model, kind) -> None:
+    """Take every method of class ``kind`` off the model (the hook stays installed)."""
+    for m in attention_modules(model):
+        for slot in SLOTS:
+            if isinstance(getattr(m, slot, None), kind):
+                delattr(m, slot)
+
+
+def attached(model, kind) -> dict[int, object]:
+    """``{layer index: method}`` for the layers carrying a method of class ``kind``."""
+    return {m.layer_idx: getattr(m, slot) for m in attention_modules(model) for slot in SLOTS
+            if isinstance(getattr(m, slot, None), kind)}
 
 
 # ----------------------------------------------------------------------------- masks and maps
@@ -117,70 +215,55 @@ def boolean_mask(attention_mask, q_len: int, kv_len: int, device) -> torch.Tenso
     return attention_mask[..., -q_len:, :kv_len]
 
 
-def attention_probs(module, query, key, attention_mask, scaling=None, rows=None) -> torch.Tensor:
-    """Softmax probabilities of plain attention for the query ``rows`` (default: all).
+def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> torch.Tensor:
+    """The plain softmax map a layer computes from the hook's arguments, for query ``rows`` (default all).
 
-    ``softmax(Q K^T * s + mask)``: query (B, H, T, D), key (B, Hkv, S, D) -> (B, H, R, S),
-    computed in fp32 for the selected rows only, so memory is O(R * S), not O(T * S).
-    Rows with no allowed key come out as zeros.
+    query (B, H, T, D), key (B, Hkv, S, D), the HF mask -> (B, H, R, S) in fp32, memory O(R * S).
     """
     T, S = query.shape[2], key.shape[2]
     rows = torch.arange(T, device=query.device) if rows is None else rows
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    key = repeat_kv(key, query.shape[1] // key.shape[1])  # (B, H, S, D)
-    scores = query[:, :, rows].float() @ key.float().transpose(-1, -2) * scaling  # (B, H, R, S)
     allowed = boolean_mask(attention_mask, T, S, query.device)[..., rows, :]  # (B|1, 1, R, S)
-    scores = scores.masked_fill(~allowed, -math.inf)
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return masked_softmax(grouped_scores(query[:, :, rows], key, scaling), allowed)
 
 
 # ----------------------------------------------------------------------------- capture
 
 
 class AttentionCapture:
-    """Records each layer's attention probabilities during one forward pass (prefill).
+    """Records each layer's attention probabilities during one forward pass (the prefill).
 
     full=True keeps the whole map ``(B, H, T, S)`` per layer (short inputs only).
-    spans: per batch item, a list of ``(start, end)`` token spans (e.g. the documents);
-    then ``span_mass[layer]`` holds ``(B, H, n_spans)``, the attention mass that the query
-    rows put on each span, averaged over those rows. That is O(rows * S) memory, fine for
-    long prompts. rows: which query positions to average over; default the last one, the
-    position that produces the next token.
-
-    Only the first call per layer is recorded (the prefill), so ``generate()`` may run
-    inside the context without recording the decoding steps.
+    spans: per batch item, a list of ``(start, end)`` token spans (e.g. the documents); then
+    ``span_mass[layer]`` holds ``(B, H, n_spans)``, the mass the query ``rows`` (default the last
+    one, which predicts the next token) put on each span: O(rows * S) memory. Only the first
+    call per layer is recorded, so ``generate()`` may run inside without recording decoding.
     """
 
+    slot = "capture"
+
     def __init__(self, spans=None, rows=None, full=False, max_full_tokens=2048):
+        if spans is None and not full:
+            raise ValueError("capture_attention needs spans=[...] (reduced statistics) or full=True (whole maps)")
         self.spans, self.rows, self.full, self.max_full_tokens = spans, rows, full, max_full_tokens
         self.maps: dict[int, torch.Tensor] = {}
         self.span_mass: dict[int, torch.Tensor] = {}
 
-    def _rows(self, T, device):
-        if self.rows is None:
-            return torch.tensor([T - 1], device=device)
-        if isinstance(self.rows, slice):
-            return torch.arange(T, device=device)[self.rows]
-        return torch.as_tensor(self.rows, device=device)
-
     @torch.no_grad()
     def record(self, module, query, key, attention_mask, scaling):
-        layer = module.layer_idx
+        layer, T = module.layer_idx, query.shape[2]
         if layer in self.maps or layer in self.span_mass:
             return
-        T = query.shape[2]
-        method = getattr(module, "calibration", None)
-        probs_fn = getattr(method, "probs", None) or attention_probs
+        probs = getattr(getattr(module, "calibration", None), "probs", None) or layer_probs
         if self.full:
             if T > self.max_full_tokens:
-                raise ValueError(
-                    f"full attention maps for T={T} tokens would take T x T memory; "
-                    f"use spans=... (reduced statistics) or raise max_full_tokens={self.max_full_tokens}"
-                )
-            self.maps[layer] = probs_fn(module, query, key, attention_mask, scaling, None).cpu()
+                raise ValueError(f"full attention maps for T={T} tokens would take T x T memory; use spans=... "
+                                 f"(reduced statistics) or raise max_full_tokens={self.max_full_tokens}")
+            self.maps[layer] = probs(module, query, key, attention_mask, scaling, None).cpu()
         if self.spans is not None:
-            probs = probs_fn(module, query, key, attention_mask, scaling, self._rows(T, query.device))
-            self.span_mass[layer] = span_mass(probs, self.spans).cpu()
+            rows = torch.arange(T, device=query.device)[self.rows if self.rows is not None else slice(-1, None)]
+            self.span_mass[layer] = span_mass(probs(module, query, key, attention_mask, scaling, rows),
+                                              self.spans).cpu()
 
     def stacked_span_mass(self) -> torch.Tensor:
         """``(L, B, H, n_spans)`` over the recorded layers, in layer order."""
@@ -194,57 +277,18 @@ def span_mass(probs: torch.Tensor, spans) -> torch.Tensor:
     NaN where an item has fewer spans than the longest list.
     """
     B, H = probs.shape[:2]
-    n = max(len(s) for s in spans)
-    out = torch.full((B, H, n), float("nan"), dtype=torch.float32, device=probs.device)
+    out = torch.full((B, H, max(len(s) for s in spans)), float("nan"), device=probs.device)
     for b, item_spans in enumerate(spans):
         for i, (s, e) in enumerate(item_spans):
             out[b, :, i] = probs[b, :, :, s:e].sum(-1).mean(-1)
     return out
 
 
-@contextmanager
-def capture_attention(model, *, spans=None, rows=None, full=False, layers=None, max_full_tokens=2048):
+def capture_attention(model, *, spans=None, rows=None, full=False, layers=None, max_full_tokens=2048) -> Attached:
     """Record attention during the forward passes run inside the ``with`` block.
 
     >>> with capture_attention(model, spans=[doc_spans]) as cap:
     ...     model(input_ids)
     >>> cap.stacked_span_mass()   # (L, B, H, n_docs)
-
-    layers: which layer indices to record (default all).
     """
-    if spans is None and not full:
-        raise ValueError("capture_attention needs spans=[...] (reduced statistics) or full=True (whole maps)")
-    modules = install(model)
-    capture = AttentionCapture(spans=spans, rows=rows, full=full, max_full_tokens=max_full_tokens)
-    chosen = [m for m in modules if layers is None or m.layer_idx in layers]
-    for m in chosen:
-        m.attention_capture = capture
-    try:
-        yield capture
-    finally:
-        for m in chosen:
-            if getattr(m, "attention_capture", None) is capture:
-                del m.attention_capture
-
-
-@contextmanager
-def calibrated(model, method):
-    """Route every layer's attention through ``method`` inside the ``with`` block.
-
-    >>> with calibrated(model, Eliminate(1e-2)):
-    ...     model(input_ids)
-
-    Raises ValueError if a layer already carries another calibration (remove it first).
-    """
-    modules = install(model)
-    for m in modules:
-        if getattr(m, "calibration", None) is not None:
-            raise ValueError(f"layer {m.layer_idx} already carries a calibration; remove it first")
-    for m in modules:
-        m.calibration = method
-    try:
-        yield method
-    finally:
-        for m in modules:
-            if getattr(m, "calibration", None) is method:
-                del m.calibration
+    return attach(model, AttentionCapture(spans, rows, full, max_full_tokens), layers)

@@ -10,23 +10,21 @@ like an operational amplifier with differential gain ``K`` (the CMRR) and common
 
 Each adapter is a small residual bottleneck, ``E(x) = x + W_up(GELU(W_down(dropout(x))))``
 (hidden 64, no biases, ``W_up`` zero-initialised), so right after :func:`add_opamp` every
-adapter is the identity, ``M+ = M- = M`` and the model computes exactly what it did before.
-Training then moves the two maps apart. Placement follows the authors' code (after RoPE, on
-all heads concatenated); the paper's equations read as if before RoPE.
+adapter is the identity, ``M+ = M- = M``, and the model computes exactly what it did before.
+Placement follows the authors' code (after RoPE, on all heads concatenated); the paper's
+equations read as if before RoPE. Adapters act after RoPE and mix the heads, so the result
+depends on absolute positions: left-padded batches need ``position_ids = cumsum(mask) - 1``,
+as ``generate()`` builds them.
 
->>> calibrations = add_opamp(model, K=10)         # adapters on every layer, identity at init
+>>> add_opamp(model, K=10)                        # {layer: OpAmpCalibration}, identity at init
 >>> save_opamp(model, "results/opamp")           # adapters.safetensors + opamp_config.json
 >>> load_opamp(other_model, "results/opamp")     # checks the model matches, then loads
 >>> remove_opamp(model)
 
-The layers run OpAmp attention through ``minimal.hooks``: on CUDA with the fused Triton kernel
-(``minimal.triton_opamp``); on CPU (or for a mask that is not causal + padding) as
-``(K + 1/2) M+ V - (K - 1/2) M- V`` with PyTorch's fused softmax attention for each map, which
-takes the model's full boolean mask. Both are tested against ``minimal.attention.opamp_attention``.
-
-Adapters act after RoPE and mix the heads, so unlike plain RoPE attention the result depends
-on absolute positions: pass the same ``position_ids`` that ``generate()`` uses for left-padded
-batches (``cumsum(mask) - 1``) when comparing against it; training batches are right-padded.
+Each layer runs through ``minimal.hooks``: on CUDA with the fused Triton kernel
+(``minimal.triton_opamp``), elsewhere (or for a mask that is not causal + padding) as
+``(K + 1/2) M+ V - (K - 1/2) M- V`` with PyTorch's SDPA for each map. Both are tested against
+``minimal.attention.opamp_attention``.
 """
 
 from __future__ import annotations
@@ -40,43 +38,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hooks
-from .attention import opamp_combine
+from .attention import grouped_scores, masked_softmax, opamp_combine
 from .models import check_same_model, model_name
 from .profiles import triton_available
 
-__all__ = [
-    "Adapter",
-    "OpAmpCalibration",
-    "add_opamp",
-    "remove_opamp",
-    "opamp_layers",
-    "opamp_parameters",
-    "save_opamp",
-    "load_opamp",
-    "mask_to_causal_padding",
-]
+__all__ = ["Adapter", "OpAmpCalibration", "add_opamp", "remove_opamp", "opamp_layers", "opamp_parameters",
+           "save_opamp", "load_opamp", "mask_to_causal_padding"]
 
 CONFIG_FILE, WEIGHTS_FILE = "opamp_config.json", "adapters.safetensors"
 BACKENDS = ("auto", "triton", "reference")
 
 
-# ----------------------------------------------------------------------------- the adapter
-
-
 class Adapter(nn.Module):
     """``E(x) = x + W_up(GELU(W_down(dropout(x))))``: (..., dim) -> (..., dim).
 
-    W_down (hidden, dim) Kaiming-uniform, W_up (dim, hidden) zeros, no biases, so E is the
-    identity at initialisation. The weights stay in their own dtype (fp32 by default); the
-    input is cast to it and the result cast back, so a bf16 model can carry fp32 adapters.
+    W_down (hidden, dim) Kaiming-uniform, W_up (dim, hidden) zeros, no biases: E is the identity
+    at initialisation. The weights keep their own dtype (fp32): a bf16 model can carry fp32 adapters.
     """
 
     def __init__(self, dim: int, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.w_down = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(dim, hidden, bias=False)  # nn.Linear's own Kaiming-uniform init
         self.w_up = nn.Linear(hidden, dim, bias=False)
-        nn.init.kaiming_uniform_(self.w_down.weight, a=math.sqrt(5))  # nn.Linear's own default
         nn.init.zeros_(self.w_up.weight)
 
     def forward(self, x):
@@ -84,17 +68,12 @@ class Adapter(nn.Module):
         return x + self.w_up(F.gelu(self.w_down(self.dropout(h)))).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- masks
-
-
 def mask_to_causal_padding(allowed: torch.Tensor, T: int, S: int):
     """Express a boolean HF mask as ``causal (bottom-right) & key_padding_mask``, if it is one.
 
-    allowed (B|1, 1, T, S), True = attend. Returns ``key_padding_mask (B|1, S)`` when, on
-    every row of a real (non-padding) query, ``allowed`` equals the bottom-right causal mask
-    restricted to the real keys; else ``None`` (e.g. a sliding window, packed sequences).
-    Rows of padding queries are ignored: their outputs are never used, and the two
-    conventions differ there.
+    allowed (B|1, 1, T, S), True = attend -> key_padding_mask (B|1, S), or None when some real
+    query's row differs (a sliding window, packed sequences). Rows of padding queries are
+    ignored: their outputs are never used. The Triton kernel takes only this kind of mask.
     """
     keep = allowed[:, 0].any(dim=1)  # (B|1, S): a key someone may see is a real token
     i = torch.arange(T, device=allowed.device)[:, None]
@@ -105,35 +84,22 @@ def mask_to_causal_padding(allowed: torch.Tensor, T: int, S: int):
     return keep if bool(same.all()) else None
 
 
-def _masked_probs(q, k, allowed, scale):
-    """softmax(q k^T s) over the allowed keys: (B, H, R, D) x (B, H, S, D) -> (B, H, R, S), fp32.
-
-    Masked scores use a finite minimum (as ``minimal.attention``), then are zeroed, so a row
-    with no allowed key is all zeros and its gradient is finite.
-    """
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, R, S)
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return torch.softmax(scores, dim=-1) * allowed
-
-
-# ----------------------------------------------------------------------------- one layer
-
-
 class OpAmpCalibration(nn.Module):
-    """OpAmp for one attention layer: four adapters and the combined attention.
+    """OpAmp for one attention layer: four adapters and the combined attention (a hooks calibration).
 
-    Attached as ``self_attn.calibration`` (see ``minimal.hooks``), so its parameters are in the
-    model's ``state_dict`` under ``...self_attn.calibration.{q1,q2,k1,k2}.w_{down,up}.weight``.
+    Its parameters sit in the model's ``state_dict`` under
+    ``...self_attn.calibration.{q1,q2,k1,k2}.w_{down,up}.weight``.
 
     q1, q2   Adapter(H * D)      on the queries of all heads concatenated, after RoPE
     k1, k2   Adapter(Hkv * D)    on the keys of the KV heads concatenated, before GQA repetition
     K        the CMRR (differential gain); common-mode gain is 1
-    backend  "auto" (Triton kernel on CUDA, eager reference on CPU), "triton", "reference"
+    backend  "auto" (Triton kernel on CUDA, else PyTorch), "triton", "reference" (PyTorch)
     """
+
+    slot = "calibration"
 
     def __init__(self, num_heads, num_kv_heads, head_dim, K=10.0, adapter_dim=64, dropout=0.1, backend="auto"):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.K, self.backend = float(K), backend
         self.q1 = Adapter(num_heads * head_dim, adapter_dim, dropout)
         self.q2 = Adapter(num_heads * head_dim, adapter_dim, dropout)
@@ -141,14 +107,13 @@ class OpAmpCalibration(nn.Module):
         self.k2 = Adapter(num_kv_heads * head_dim, adapter_dim, dropout)
 
     def extra_repr(self):
-        return f"K={self.K}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        return f"K={self.K}, backend={self.backend}"
 
     @staticmethod
     def _heads(x, adapter):
-        """Apply an adapter across heads: (B, H, T, D) -> (B, T, H*D) -> adapter -> (B, H, T, D)."""
+        """An adapter across heads: (B, H, T, D) -> (B, T, H*D) -> adapter -> (B, H, T, D)."""
         B, H, T, D = x.shape
-        flat = x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        return adapter(flat).reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        return adapter(x.transpose(1, 2).reshape(B, T, H * D)).reshape(B, T, H, D).transpose(1, 2)
 
     def adapt(self, query, key):
         """(q1, k1, q2, k2) from query (B, H, T, D) and key (B, Hkv, S, D)."""
@@ -158,119 +123,84 @@ class OpAmpCalibration(nn.Module):
     def adapt_keys(self, key):
         """(k1, k2) from key (B, Hkv, S, D), reusing the last call's work while decoding.
 
-        With a KV cache, each decoding step sees all keys so far: the previous call's keys plus
-        the new ones. The adapters act on every position alone, so in inference (eval mode, no
-        grad) only the new positions are adapted and the earlier results reused, after checking
-        that the first positions really are the previous call's keys (same batch, equal values);
-        anything else (a new prompt, a reordered beam, training) adapts every position.
+        With a KV cache each step sees the previous keys plus new ones. The adapters act on each
+        position alone, so in inference (eval, no grad) only the new positions are adapted, once
+        the first ones are checked to be the previous call's keys (same batch, equal values).
         """
         seen = getattr(self, "_seen", None)
         inference = not self.training and not torch.is_grad_enabled()
         if inference and seen is not None:
             raw, k1, k2 = seen
             n = raw.shape[2]
-            same_start = key.shape[:2] == raw.shape[:2] and key.shape[2] > n and key.device == raw.device
-            if same_start and torch.equal(key[:, :, :n], raw):
+            if key.shape[:2] == raw.shape[:2] and key.shape[2] > n and torch.equal(key[:, :, :n], raw):
                 new = key[:, :, n:]  # (B, Hkv, S - n, D)
                 k1 = torch.cat([k1, self._heads(new, self.k1)], dim=2)
                 k2 = torch.cat([k2, self._heads(new, self.k2)], dim=2)
                 self._seen = (key, k1, k2)
                 return k1, k2
         k1, k2 = self._heads(key, self.k1), self._heads(key, self.k2)
-        # keep a reference (no copy): transformers' dynamic cache builds a new key tensor each step
-        self._seen = (key, k1, k2) if inference else None
+        self._seen = (key, k1, k2) if inference else None  # a reference, not a copy
         return k1, k2
 
-    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        """OpAmp attention for the hook: query (B, H, T, D), key/value (B, Hkv, S, D) -> (B, T, H, D)."""
+    def forward(self, module, query, key, value, attention_mask, scaling):
+        """OpAmp attention: query (B, H, T, D), key/value (B, Hkv, S, D) -> (B, H, T, D)."""
         T, S = query.shape[2], key.shape[2]
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q1, k1, q2, k2 = self.adapt(query, key)
         use_triton = self.backend == "triton" or (self.backend == "auto" and query.is_cuda and triton_available())
         if attention_mask is None and (T == S or T == 1):  # plain causal prefill, or one decoding query
-            allowed, padding, is_causal = None, None, T > 1
+            allowed, padding = None, None
         else:
             allowed = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
             padding = mask_to_causal_padding(allowed, T, S) if use_triton else None
-            is_causal = False
         if use_triton and (allowed is None or padding is not None):
             from . import triton_opamp  # imported on first use: CPU runs never need Triton
 
-            B, dtype = query.shape[0], value.dtype
-            padding = None if padding is None else padding.expand(B, S).contiguous()
-            out = triton_opamp.opamp_attention(
-                q1.to(dtype), k1.to(dtype), q2.to(dtype), k2.to(dtype), value, self.K,
-                causal=True, key_padding_mask=padding, scale=scaling,
-            )  # (B, H, T, D)
-        else:  # eager path, any mask (also the fallback for masks that are not causal + padding)
-            # (K + 1/2) M+ V - (K - 1/2) M- V, each term by PyTorch's fused softmax attention, in fp32
-            groups = self.num_heads // self.num_kv_heads
-            v = hooks.repeat_kv(value, groups).float()  # (B, H, S, D)
-            with torch.autocast(query.device.type, enabled=False):
-                kw = dict(attn_mask=allowed, is_causal=is_causal, scale=scaling)
-                out_plus = F.scaled_dot_product_attention(q1.float(), hooks.repeat_kv(k1, groups).float(), v, **kw)
-                out_minus = F.scaled_dot_product_attention(q2.float(), hooks.repeat_kv(k2, groups).float(), v, **kw)
-                # = (K + 1/2) M+V - (K - 1/2) M-V, written so that equal maps give M+V exactly (no K-amplified rounding)
-                out = (out_plus + (self.K - 0.5) * (out_plus - out_minus)).to(value.dtype)  # (B, H, T, D)
-        return out.transpose(1, 2).contiguous()  # (B, T, H, D)
-
-    def _map(self, q1, k1, q2, k2, allowed, scaling):
-        """The combined map ``K (M+ - M-) + (M+ + M-)/2`` (B, H, R, S) for queries q1, q2 (B, H, R, D)."""
-        groups = self.num_heads // self.num_kv_heads
-        m_plus = _masked_probs(q1, hooks.repeat_kv(k1, groups), allowed, scaling)  # (B, H, R, S)
-        m_minus = _masked_probs(q2, hooks.repeat_kv(k2, groups), allowed, scaling)  # (B, H, R, S)
-        return opamp_combine(m_plus, m_minus, self.K)
+            dtype = value.dtype
+            padding = None if padding is None else padding.expand(query.shape[0], S).contiguous()
+            return triton_opamp.opamp_attention(q1.to(dtype), k1.to(dtype), q2.to(dtype), k2.to(dtype), value,
+                                                self.K, causal=True, key_padding_mask=padding, scale=scaling)
+        # any mask: each map by PyTorch's fused attention, in fp32
+        kw = dict(attn_mask=allowed, is_causal=allowed is None and T > 1, scale=scaling, enable_gqa=True)
+        with torch.autocast(query.device.type, enabled=False):
+            out_plus = F.scaled_dot_product_attention(q1.float(), k1.float(), value.float(), **kw)  # M+ V
+            out_minus = F.scaled_dot_product_attention(q2.float(), k2.float(), value.float(), **kw)  # M- V
+        # (K + 1/2) M+V - (K - 1/2) M-V, written so that equal maps give M+V exactly (no amplified rounding)
+        return (out_plus + (self.K - 0.5) * (out_plus - out_minus)).to(value.dtype)  # (B, H, T, D)
 
     @torch.no_grad()
-    def probs(self, module, query, key, attention_mask, scaling=None, rows=None):
-        """The combined OpAmp map for the query ``rows`` (default all): (B, H, R, S), fp32.
+    def probs(self, module, query, key, attention_mask, scaling, rows=None):
+        """The combined map ``K (M+ - M-) + (M+ + M-)/2`` for query ``rows``: (B, H, R, S), fp32.
 
-        This is what ``hooks.capture_attention`` records, so captures show the map really used.
-        Its rows sum to 1 but entries may be negative.
+        What captures record; rows sum to 1 but entries may be negative.
         """
         T, S = query.shape[2], key.shape[2]
         rows = torch.arange(T, device=query.device) if rows is None else rows
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q1, k1, q2, k2 = self.adapt(query, key)
         allowed = hooks.boolean_mask(attention_mask, T, S, query.device)[..., rows, :]  # (B|1, 1, R, S)
-        return self._map(q1[:, :, rows], k1, q2[:, :, rows], k2, allowed, scaling)
+        m_plus = masked_softmax(grouped_scores(q1[:, :, rows], k1, scaling), allowed)
+        m_minus = masked_softmax(grouped_scores(q2[:, :, rows], k2, scaling), allowed)
+        return opamp_combine(m_plus, m_minus, self.K)
 
 
 # ----------------------------------------------------------------------------- the model
 
 
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_K(K):
-    if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
-        raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
-
-
-def _shape(model) -> dict:
-    """The attention geometry that adapters depend on."""
+def _geometry(model) -> dict:
+    """The attention geometry that adapters depend on (saved with them, checked on load)."""
     config = getattr(model, "config", None)
-    needed = ("num_hidden_layers", "num_attention_heads")
-    if config is None or not all(hasattr(config, a) for a in needed):
-        raise ValueError(f"{type(model).__name__} has no config with {', '.join(needed)}: OpAmp needs a "
+    if config is None or not hasattr(config, "num_attention_heads"):
+        raise ValueError(f"{type(model).__name__} has no config with num_attention_heads: OpAmp needs a "
                          "Hugging Face causal LM of the llama, qwen2 or mistral family")
     H = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // H
-    return dict(
-        model_type=getattr(config, "model_type", None),
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=H,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or H,
-        head_dim=head_dim,
-    )
+    return dict(model_type=getattr(config, "model_type", None), num_hidden_layers=config.num_hidden_layers,
+                num_attention_heads=H, num_key_value_heads=getattr(config, "num_key_value_heads", None) or H,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // H)
 
 
 def opamp_layers(model) -> dict[int, OpAmpCalibration]:
     """``{layer index: OpAmpCalibration}`` for the layers that carry OpAmp."""
-    return {m.layer_idx: m.calibration for m in hooks.attention_modules(model)
-            if isinstance(getattr(m, "calibration", None), OpAmpCalibration)}
+    return hooks.attached(model, OpAmpCalibration)
 
 
 def opamp_parameters(model) -> list[nn.Parameter]:
@@ -282,53 +212,40 @@ def add_opamp(model, K=10.0, adapter_dim: int = 64, stride: int = 1, layers=None
               backend: str = "auto") -> dict[int, OpAmpCalibration]:
     """Attach OpAmp to every ``stride``-th layer (0, stride, 2*stride, ...) or to ``layers``.
 
-    K: the CMRR (> 0, default 10). adapter_dim: the adapters' hidden size (>= 1).
-    stride: the authors use 2 for Llama, 3 for Qwen, 1 in their evaluation. layers: explicit
-    layer indices (then leave stride at 1). Returns ``{layer: calibration}``. The model's outputs
-    are unchanged until the adapters are trained (W_up = 0). Adapters are fp32, on the device of
-    each layer's ``q_proj``; they are added after any quantisation, so they are never quantised.
+    K: the CMRR (> 0, default 10). adapter_dim: the adapters' hidden size. stride: the authors
+    use 2 for Llama, 3 for Qwen, 1 in their evaluation. Returns ``{layer: calibration}``; the
+    model's outputs are unchanged until the adapters train. Adapters are fp32 on each layer's
+    device, added after any quantisation, so never quantised.
     """
-    _check_K(K)
-    _positive_int("adapter_dim", adapter_dim)
-    _positive_int("stride", stride)
+    if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
+        raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
+    for name, value in (("adapter_dim", adapter_dim), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    shape = _shape(model)
+    if layers is not None and stride != 1:
+        raise ValueError("give layers=[...] or stride, not both")
+    g = _geometry(model)
     modules = hooks.install(model)  # raises ValueError for attention modules it does not understand
-    n_layers = len(modules)
-    if layers is None:
-        chosen = list(range(0, n_layers, stride))
-    else:
-        if stride != 1:
-            raise ValueError("give layers=[...] or stride, not both")
-        chosen = sorted(set(layers))
-        if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in chosen):
-            raise ValueError(f"layers must be a non-empty list of layer indices in [0, {n_layers}), got {layers!r}")
     if opamp_layers(model):
         raise ValueError("the model already carries OpAmp adapters: call remove_opamp(model) first")
-
-    added = {}
-    for m in modules:
-        if m.layer_idx not in chosen:
-            continue
-        cal = OpAmpCalibration(shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"],
-                               K=K, adapter_dim=adapter_dim, dropout=dropout, backend=backend)
-        m.calibration = cal.to(m.q_proj.weight.device).train(m.training)  # eval model -> no dropout
-        added[m.layer_idx] = m.calibration
-    model._opamp_config = dict(K=float(K), adapter_dim=adapter_dim, stride=stride, layers=chosen,
+    chosen = range(0, len(modules), stride) if layers is None else hooks.check_layers(layers, len(modules))
+    cals = {i: OpAmpCalibration(g["num_attention_heads"], g["num_key_value_heads"], g["head_dim"], K, adapter_dim,
+                                dropout, backend).to(modules[i].q_proj.weight.device).train(modules[i].training)
+            for i in chosen}  # on the layer's device; an eval model -> no dropout
+    hooks.attach(model, cals)
+    model._opamp_config = dict(K=float(K), adapter_dim=adapter_dim, stride=stride, layers=sorted(cals),
                                dropout=float(dropout))
-    return added
+    return cals
 
 
 def remove_opamp(model) -> None:
     """Detach every OpAmp adapter; the layers go back to plain attention."""
-    for m in hooks.attention_modules(model):
-        if isinstance(getattr(m, "calibration", None), OpAmpCalibration):
-            del m.calibration
-    if hasattr(model, "_opamp_config"):
-        del model._opamp_config
+    hooks.detach(model, OpAmpCalibration)
+    vars(model).pop("_opamp_config", None)
 
 
 # ----------------------------------------------------------------------------- save and load
@@ -346,19 +263,18 @@ def save_opamp(model, directory) -> Path:
     tensors = {f"layers.{i}.{name}": t.detach().cpu().contiguous()
                for i, cal in layers.items() for name, t in cal.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE))
-    config = dict(getattr(model, "_opamp_config", {}), layers=sorted(layers), model=model_name(model), **_shape(model))
-    config["K"] = next(iter(layers.values())).K
+    config = dict(getattr(model, "_opamp_config", {}), layers=sorted(layers), model=model_name(model),
+                  K=next(iter(layers.values())).K, **_geometry(model))
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return directory
 
 
-def load_opamp(model, directory, check_model_name: bool = True) -> dict[int, OpAmpCalibration]:
+def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
     """Load adapters saved by :func:`save_opamp` into ``model``, adding OpAmp if it has none.
 
     Raises ValueError if the saved geometry (model type, layers, heads, head dim), the model's
-    name (when ``check_model_name``), or an OpAmp already on the model differ from the saved
-    config, and if any tensor is missing, unexpected or of the wrong shape: it never keeps
-    random weights silently.
+    name, or an OpAmp already on the model differ from the saved config, and if any tensor is
+    missing, unexpected or of the wrong shape: it never keeps random weights silently.
     """
     from safetensors.torch import load_file
 
@@ -366,25 +282,21 @@ def load_opamp(model, directory, check_model_name: bool = True) -> dict[int, OpA
     if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
         raise ValueError(f"{directory} has no {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_opamp)")
     saved = json.loads((directory / CONFIG_FILE).read_text())
-    for key, value in _shape(model).items():
+    for key, value in _geometry(model).items():
         if saved.get(key) != value:
             raise ValueError(f"adapters in {directory} were saved for {key}={saved.get(key)!r}, "
                              f"this model has {key}={value!r}")
-    if check_model_name:
-        check_same_model(saved.get("model", ""), model, f"OpAmp adapters in {directory}")
-
+    check_same_model(saved.get("model", ""), model, f"OpAmp adapters in {directory}")
     layers = opamp_layers(model)
     if not layers:
         layers = add_opamp(model, K=saved["K"], adapter_dim=saved["adapter_dim"], layers=saved["layers"],
                            dropout=saved.get("dropout", 0.1))
-    else:
-        cal = next(iter(layers.values()))
-        have = dict(K=cal.K, adapter_dim=cal.q1.w_down.out_features, layers=sorted(layers))
-        for key, value in have.items():
-            if saved[key] != value:
-                raise ValueError(f"the model carries OpAmp with {key}={value!r}, the saved adapters have "
-                                 f"{key}={saved[key]!r}: call remove_opamp(model) first")
-
+    cal = next(iter(layers.values()))
+    have = dict(K=cal.K, adapter_dim=cal.q1.w_down.out_features, layers=sorted(layers))
+    for key, value in have.items():
+        if saved[key] != value:
+            raise ValueError(f"the model carries OpAmp with {key}={value!r}, the saved adapters have "
+                             f"{key}={saved[key]!r}: call remove_opamp(model) first")
     tensors = load_file(str(directory / WEIGHTS_FILE))
     expected = {f"layers.{i}.{name}": t for i, cal in layers.items() for name, t in cal.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -16,8 +16,9 @@ concatenated, ``(B, T, H*D)``, head ``h`` in columns ``h*D:(h+1)*D``, and mixes 
 
     o_proj(x) = W_O x = sum_h W_O[:, hD:(h+1)D] x_h          W_O (d_model, H*D), x_h (D,)
 
-So everything here is a forward pre-hook on ``o_proj`` (independent of ``minimal.hooks``), and
-scaling head ``h`` by ``tau_h`` is the same as scaling the columns ``W_O[:, hD:(h+1)D]``.
+PEAR acts on that input, not on the attention map, so unlike the other methods it is not a
+``minimal.hooks`` calibration: it uses forward pre-hooks on ``o_proj`` (found with the hooks'
+layer finder), and scaling head ``h`` by ``tau_h`` folds into the columns ``W_O[:, hD:(h+1)D]``.
 
 >>> data = proxy_dataset(tokenizer, seed=0)                       # [(samples, 2n)] per setting
 >>> result = head_scores(model, data, variant="path")             # .scores (layers, heads)
@@ -42,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .hooks import attention_modules
 from .models import check_same_model, model_name
-from .cost import latency_ratio  # noqa: F401  (pear.latency_ratio: folded vs base, notebook 06)
 
 # The paper's proxy settings: (n, samples) = (copy length, sequences of length 2n) [paper].
 SETTINGS = ((50, 20), (25, 40), (15, 80), (10, 100))
@@ -92,60 +93,33 @@ def proxy_dataset(tokenizer=None, settings=SETTINGS, *, seed: int = 0, token_ran
 # ----------------------------------------------------------------------------- model geometry
 
 
-def attention_layers(model) -> list[nn.Module]:
-    """Each decoder layer's ``self_attn`` (Llama, Qwen2, Mistral layout), in layer order."""
-    layers = getattr(model.base_model, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj") for layer in layers):
-        raise ValueError(
-            f"{type(model).__name__}: expected model.base_model.layers[i].self_attn.o_proj "
-            "(the Llama / Qwen2 / Mistral layout)"
-        )
-    return [layer.self_attn for layer in layers]
-
-
 def geometry(model) -> tuple[int, int, int]:
     """``(num_layers, num_heads, head_dim)`` as ``o_proj`` sees them."""
-    attn = attention_layers(model)
+    attn = attention_modules(model)
     num_heads = model.config.num_attention_heads
     return len(attn), num_heads, attn[0].o_proj.in_features // num_heads
 
 
-def model_id(model) -> str:
-    """The name the coefficients are saved under (``minimal.models.model_name``)."""
-    return model_name(model)
-
-
-def check_heads(model, heads) -> list[tuple[int, int]]:
-    """``heads`` as a list of ``(layer, head)`` int pairs, each one the model has; else ValueError."""
-    num_layers, num_heads, _ = geometry(model)
-    out = []
-    for pair in heads:
-        try:
-            layer, head = pair
-        except (TypeError, ValueError):
-            raise ValueError(f"heads must be (layer, head) pairs, got {pair!r}") from None
-        if not (isinstance(layer, int) and isinstance(head, int)) or isinstance(layer, bool) or isinstance(head, bool):
-            raise ValueError(f"heads must be (layer, head) pairs of ints, got {pair!r}")
-        if not (0 <= layer < num_layers and 0 <= head < num_heads):
-            raise ValueError(
-                f"head {(layer, head)} does not exist: the model has layers 0..{num_layers - 1} "
-                f"and heads 0..{num_heads - 1}"
-            )
-        out.append((layer, head))
-    if len(set(out)) != len(out):
-        raise ValueError(f"heads has duplicates: {out}")
-    return out
-
-
 def check_coefficients(model, coefficients) -> dict[tuple[int, int], float]:
-    """``{(layer, head): tau}`` checked: heads the model has, finite float coefficients."""
-    if not isinstance(coefficients, dict) or not coefficients:
-        raise ValueError("coefficients must be a non-empty dict {(layer, head): tau}")
-    heads = check_heads(model, list(coefficients))
-    taus = [float(coefficients[h]) for h in coefficients]
-    if not all(math.isfinite(t) for t in taus):
-        raise ValueError(f"coefficients must be finite numbers, got {taus}")
-    return dict(zip(heads, taus))
+    """``{(layer, head): tau}`` (or a list of heads, then tau = 1) checked: distinct heads the model
+    has, finite taus; else ValueError."""
+    if not isinstance(coefficients, dict):
+        heads = [tuple(h) if isinstance(h, (tuple, list)) else (h,) for h in coefficients]
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"heads has duplicates: {heads}")
+        coefficients = dict.fromkeys(heads, 1.0)
+    if not coefficients:
+        raise ValueError("heads/coefficients must name at least one (layer, head)")
+    num_layers, num_heads, _ = geometry(model)
+    for pair, tau in coefficients.items():
+        if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+            raise ValueError(f"heads must be (layer, head) pairs of ints, got {pair!r}")
+        if not (0 <= pair[0] < num_layers and 0 <= pair[1] < num_heads):
+            raise ValueError(f"head {pair} does not exist: the model has layers 0..{num_layers - 1} "
+                             f"and heads 0..{num_heads - 1}")
+        if not math.isfinite(float(tau)):
+            raise ValueError(f"coefficients must be finite numbers, got {tau} for head {pair}")
+    return {pair: float(tau) for pair, tau in coefficients.items()}
 
 
 # ----------------------------------------------------------------------------- detection
@@ -305,7 +279,7 @@ def _path_scores(model, ids, score, max_rows, bar):
 
 def _mean_scores(model, ids, score, max_rows, bar):
     """Mean ablation with full propagation: the last token re-run against the prefix's KV cache."""
-    attn = attention_layers(model)
+    attn = attention_modules(model)
     num_layers, num_heads, head_dim = geometry(model)
     batch = ids.shape[0]
     prefix, last, target = ids[:, :-2], ids[:, -2:-1], ids[:, -1]
@@ -386,9 +360,9 @@ class HeadScales(nn.Module):
         return torch.ones(self.num_heads, device=self.tau.device).scatter(0, heads, self.tau[index])
 
     def attach(self, model) -> "HeadScales":
-        check_heads(model, self.heads)
+        check_coefficients(model, self.heads)
         self.detach()
-        attn = attention_layers(model)
+        attn = attention_modules(model)
         self.to(next(model.parameters()).device)
         for layer in sorted({l for l, _ in self.heads}):
             self._handles.append(attn[layer].o_proj.register_forward_pre_hook(self._pre_hook(layer)))
@@ -465,9 +439,7 @@ def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch
     detection data. Returns the HeadScales (detached from the model) and a history
     ``{"step", "loss", "tau"}`` with the loss and the k coefficients after every step.
     """
-    heads = check_heads(model, heads)
-    if not heads:
-        raise ValueError("heads is empty: nothing to train")
+    heads = list(check_coefficients(model, heads))
     if sequences < 1 or batch_size < 1:
         raise ValueError(f"need sequences >= 1 and batch_size >= 1, got {sequences}, {batch_size}")
     _, num_heads, head_dim = geometry(model)
@@ -523,7 +495,7 @@ def fold(model, coefficients) -> nn.Module:
             "folding twice would multiply them: fold into a fresh copy of the base model"
         )
     coefficients = check_coefficients(model, coefficients)
-    attn = attention_layers(model)
+    attn = attention_modules(model)
     _, _, head_dim = geometry(model)
     for (layer, head), tau in coefficients.items():
         attn[layer].o_proj.weight[:, head * head_dim : (head + 1) * head_dim] *= tau
@@ -539,7 +511,7 @@ def save_coefficients(path, model, coefficients, **meta) -> Path:
     coefficients = check_coefficients(model, coefficients)
     num_layers, num_heads, head_dim = geometry(model)
     record = {
-        "model": model_id(model), "model_type": model.config.model_type,
+        "model": model_name(model), "model_type": model.config.model_type,
         "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,
         "coefficients": [{"layer": l, "head": h, "tau": t} for (l, h), t in coefficients.items()],
         **meta,

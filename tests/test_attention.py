@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minimal.attention import (
-    attention_probs,
+    softmax_probs as attention_probs,
     check_opamp_inputs,
     opamp_attention,
     opamp_combine,

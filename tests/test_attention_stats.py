@@ -1,4 +1,4 @@
-"""Attention statistics, the elimination calibration, perplexity and the shipped text."""
+"""Attention statistics, perplexity and the shipped text."""
 
 import math
 
@@ -51,47 +51,6 @@ def test_statistics_equal_counts_on_the_full_maps(tiny):
     assert all(getattr(m, "attention_capture", None) is None for m in hooks.attention_modules(model))
 
 
-def test_elimination_drops_small_probabilities_without_renormalising(tiny):
-    model, tok = tiny
-    enc = tok(TEXTS, return_tensors="pt", padding=True)
-    real = enc.attention_mask.bool()
-    with torch.no_grad():
-        base = model(**enc).logits
-        with st.eliminate(model, 0.0):
-            assert (model(**enc).logits - base)[real].abs().max() < 1e-5  # tau = 0: nothing dropped
-        with st.eliminate(model, 0.05):
-            dropped = model(**enc).logits
-    assert (dropped - base)[real].abs().max() > 1e-3
-
-    # the calibration itself against (P * [P >= tau]) V, written out
-    module = hooks.attention_modules(model)[0]
-    q, k, v = torch.randn(2, 4, 9, 16) * 3, torch.randn(2, 2, 9, 16) * 3, torch.randn(2, 2, 9, 16)
-    mask = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9).clone()
-    mask[1, :, :, :4] = False  # item 1 left-padded by 4
-    P = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, -math.inf), -1)
-    P = P.nan_to_num(0.0)
-    for renorm in (False, True):
-        method = st.Eliminate(0.1, renormalize=renorm, tile=2 * 4 * 9 * 4)  # 4-row blocks
-        kept = P * (P >= 0.1)
-        if renorm:
-            kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
-        expected = (kept @ v.repeat_interleave(2, 1)).transpose(1, 2)
-        got = method(module, q, k, v, mask, scaling=0.25)
-        real_rows = mask.any(-1)[:, 0]  # (B, T)
-        assert (got - expected)[real_rows].abs().max() < 1e-5
-        sums = method.probs(module, q, k, mask, 0.25).sum(-1)[real_rows.unsqueeze(1).expand(-1, 4, -1)]
-        assert (sums - 1).abs().max() < 1e-5 if renorm else (sums < 1 - 1e-3).any()
-
-
-def test_elimination_during_generation(tiny):
-    model, tok = tiny
-    enc = tok(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad(), st.eliminate(model, 0.02):
-        out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape == (2, enc.input_ids.shape[1] + 3)
-    assert all(getattr(m, "calibration", None) is None for m in hooks.attention_modules(model))
-
-
 def test_token_nll_and_perplexity(tiny):
     model, tok = tiny
     ids = tok(TEXTS[0], return_tensors="pt").input_ids[0]
@@ -126,15 +85,5 @@ def test_shipped_text_is_the_generated_one_and_answers_are_found(tiny):
 
 def test_bad_input(tiny):
     model, _ = tiny
-    for tau in (-0.1, 1.0, "0.1", True):
-        with pytest.raises(ValueError, match="tau"):
-            st.Eliminate(tau)
     with pytest.raises(ValueError, match="thresholds"):
         st.AttentionStatistics(thresholds=(0.0,))
-    hooks.attention_modules(model)[0].calibration = object()
-    try:
-        with pytest.raises(ValueError, match="already carries"):
-            with st.eliminate(model, 0.01):
-                pass
-    finally:
-        del hooks.attention_modules(model)[0].calibration

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from minimal import hooks, load_model
-from minimal.hooks import attention_probs, capture_attention, repeat_kv
+from minimal.attention import grouped_apply
+from minimal.hooks import capture_attention, layer_probs
 
 TEXTS = ["Alice Smith lives in Paris. Bob Jones lives in Rome. Where does Bob live?", "Hello!"]
 
@@ -22,13 +23,14 @@ def _batch(tok):
 
 
 class PlainAttention:
-    """A calibration that recomputes ordinary attention through attention_probs():
+    """A calibration that recomputes ordinary attention through layer_probs():
     exercises the dispatch and our mask handling, in prefill and in cached decoding."""
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
-        probs = attention_probs(module, query, key, attention_mask, scaling)  # (B, H, T, S)
-        v = repeat_kv(value, query.shape[1] // value.shape[1]).float()
-        return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)
+    slot = "calibration"
+
+    def __call__(self, module, query, key, value, attention_mask, scaling):
+        probs = layer_probs(module, query, key, attention_mask, scaling)  # (B, H, T, S)
+        return grouped_apply(probs, value).to(query.dtype)  # (B, H, T, D)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "smollm2-135m"])
@@ -58,8 +60,7 @@ def test_dispatch_to_a_calibration_object_prefill_and_cached_generation(name):
         model.set_attn_implementation("eager")
         gen_expected = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         modules = hooks.install(model)
-        for m in modules:
-            m.calibration = PlainAttention()
+        hooks.attach(model, PlainAttention())
         got = model(**enc).logits
         gen_got = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert (got - expected)[real].abs().max().item() <= tol
@@ -122,7 +123,7 @@ def test_capture_records_prefill_only_during_generate_and_detaches():
         model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     total = cap.stacked_span_mass()  # the whole prompt: all the last token's mass
     assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
-    assert not any(hasattr(m, "attention_capture") for m in hooks.attention_modules(model))
+    assert not any(hasattr(m, "capture") for m in hooks.attention_modules(model))
 
 
 def test_full_capture_refuses_long_inputs_and_needs_a_mode():
@@ -140,3 +141,23 @@ def test_unsupported_model_is_a_clear_error():
     gpt2 = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="no attention module the minimal hook understands"):
         hooks.install(gpt2)
+
+
+def test_attach_layers_slots_and_removal():
+    model, tok = load_model("tiny-llama")
+    ids = tok(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+        handle = hooks.attach(model, PlainAttention(), layers=[1])
+        modules = hooks.attention_modules(model)
+        assert not hasattr(modules[0], "calibration") and isinstance(modules[1].calibration, PlainAttention)
+        with pytest.raises(ValueError, match="already carries PlainAttention"):
+            hooks.attach(model, PlainAttention())
+        with pytest.raises(ValueError, match=r"layer indices in \[0, 2\)"):
+            hooks.attach(model, PlainAttention(), layers=[2])
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+        handle.remove()
+        assert not hasattr(modules[1], "calibration")
+        with hooks.attach(model, PlainAttention()) as method:
+            assert hooks.attached(model, PlainAttention) == {0: method, 1: method}
+        assert hooks.attached(model, PlainAttention) == {}

@@ -78,13 +78,13 @@ def test_layer_output_equals_reference_opamp_attention_gqa_and_padding():
     expected = attention.opamp_attention(q1, k1, q2, k2, v, K=5.0, key_padding_mask=padding)  # (B, H, T, D)
     for backend in ("reference", "triton"):  # triton runs in the interpreter on CPU
         cal.backend = backend
-        got = cal(None, q, k, v, allowed).transpose(1, 2)  # (B, H, T, D)
+        got = cal(None, q, k, v, allowed, None)  # (B, H, T, D)
         torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got[1, :, 3:], expected[1, :, 3:], atol=1e-4, rtol=1e-4)  # real queries
     # no mask (HF passes None for unpadded causal prefill): the is_causal fast path, same numbers
     for backend in ("reference", "triton"):
         cal.backend = backend
-        got = cal(None, q[:1], k[:1], v[:1], None).transpose(1, 2)
+        got = cal(None, q[:1], k[:1], v[:1], None, None)
         torch.testing.assert_close(got, expected[:1], atol=1e-4, rtol=1e-4)
     # the combined map that capture sees: rows sum to 1, and it reproduces the output
     m = cal.probs(None, q, k, allowed, None, None)  # (B, H, T, T)
@@ -96,21 +96,21 @@ def test_layer_output_equals_reference_opamp_attention_gqa_and_padding():
 class MaskRecorder:
     """A calibration that records the masks HF hands to the hook and runs plain attention."""
 
+    slot = "calibration"
+
     def __init__(self):
         self.masks = []
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
+    def __call__(self, module, query, key, value, attention_mask, scaling):
         self.masks.append(hooks.boolean_mask(attention_mask, query.shape[2], key.shape[2], query.device))
-        probs = hooks.attention_probs(module, query, key, attention_mask, scaling)
-        v = hooks.repeat_kv(value, query.shape[1] // value.shape[1])
-        return (probs @ v).transpose(1, 2).contiguous()
+        return None  # plain attention
 
 
 def test_hf_mask_is_causal_plus_key_padding_on_real_rows():
     model, tok = load_model("tiny-llama")
     enc = _batch(tok)
     rec = MaskRecorder()
-    hooks.install(model)[0].calibration = rec
+    hooks.attach(model, rec, layers=[0])
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert len(rec.masks) == 3  # prefill, then two cached decoding steps
