@@ -1,20 +1,36 @@
-"""Check the fused Triton OpAmp kernel against the PyTorch reference over a grid of cases.
+"""The kernel harness: every Triton kernel against its PyTorch spec, one row per case.
 
-    python kernels/check.py           # CPU: Triton interpreter, small grid (< 2 minutes)
-    python kernels/check.py           # GPU: the full grid (automatic when CUDA is present)
-    python kernels/check.py --small   # GPU: the small grid only
-    python kernels/check.py --full    # force the full grid (slow on CPU)
+    python kernels/check.py                # CPU: Triton's interpreter, the small grid (~1 min)
+    python kernels/check.py                # CUDA: compiled, the full grid (the small one with --small)
+    python kernels/check.py --only sra     # one kernel: opamp, sra or flash
 
-For every case (shape x dtype x causal x GQA, some with key padding) it runs the kernel
-forward and backward and the reference (minimal.attention.opamp_attention) in float64 on the
-same rounded inputs, and prints the relative error max|kernel - ref| / max|ref| of the output
-and of each gradient (dq1, dk1, dq2, dk2, dv), plus the largest absolute error. It exits 1 if
-any error is above the tolerance of its dtype (TOL below), 0 otherwise.
+    kernel  the Triton code                                  its spec, in float64 on the same rounded inputs
+    opamp   minimal.triton_opamp.opamp_attention, fwd + bwd  minimal.attention.opamp_attention
+    sra     minimal.sra.sra_attention(backend="triton")      minimal.sra.sra_attention_eager
+    flash   minimal.triton_flash.flash_attention (fwd)       minimal.attention.softmax_attention
+
+Where a kernel and its spec differ, by design (so the errors are not 0):
+
+    the spec                                   the kernel
+    builds the (T, S) maps                     streams key blocks: online softmax (opamp, flash),
+                                               or two passes, log-sum-exp then sums (sra)
+    one softmax over all keys                  per-block maxima and sums, rescaled: another summation order
+    probabilities in fp32 or fp64              probabilities (and OpAmp's dS) rounded to the input dtype
+                                               before their matmuls, as FlashAttention; fp32 accumulators
+    any dtype, any device                      fp32/fp16/bf16 on CUDA (fp32 dots in IEEE, not TF32);
+                                               fp32/fp16 under TRITON_INTERPRET=1 (bf16 raises there)
+
+A row's error is max|kernel - spec| / max|spec| (for OpAmp the worst of out, dq1, dk1, dq2, dk2,
+dv, named in the row), its tolerance is that of its dtype (kernels/cases.py: TOL for the small
+grid, TOL_FULL for the GPU grid). A case that raises is a FAIL row with the error. Exit status
+1 on any FAIL. The cases and their inputs live in kernels/cases.py; tests/test_triton_*.py run
+the small grid through the functions below.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,116 +38,109 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # must happen before the kernel module is imported
+if not torch.cuda.is_available():  # the interpreter is chosen when a kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from minimal import attention as ref  # noqa: E402
-from minimal import triton_opamp as tk  # noqa: E402
+import cases  # noqa: E402
+from minimal import attention, triton_flash, triton_opamp  # noqa: E402
+from minimal.sra import SRAConfig, sra_attention, sra_attention_eager  # noqa: E402
 
-# relative-to-max tolerances (the kernel rounds probabilities and dS to the input dtype
-# before its matmuls, as FlashAttention does); fp32 uses IEEE dots on GPU, not TF32
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
-NAMES = ("out", "dq1", "dk1", "dq2", "dk2", "dv")
-
-# (B, H, T, S, D, pad); GQA groups are applied on top (Hkv = H // group)
-SMALL_SHAPES = [
-    (1, 4, 17, 17, 16, False),  # tail row (blocks are 16 under the interpreter)
-    (2, 4, 33, 33, 32, True),  # key padding
-    (1, 4, 1, 33, 32, False),  # decoding: one query against 33 keys
-    (1, 4, 33, 17, 24, True),  # T > S, D not a power of two
-]
-FULL_SHAPES = [
-    (2, 8, 128, 128, 64, False),
-    (2, 8, 257, 257, 64, True),  # tails on GPU blocks
-    (1, 8, 1, 1000, 128, False),  # decoding against a long cache
-    (1, 8, 100, 1000, 128, True),  # chunked prefill, T < S
-    (1, 8, 1000, 1000, 16, False),
-    (1, 8, 777, 777, 96, True),  # D padded to 128
-    (1, 16, 2048, 2048, 128, False),
-    (1, 8, 300, 200, 32, False),  # T > S
-]
+SRA_CONFIG = SRAConfig(**cases.SRA_CONFIG)
 
 
-def run_case(B, H, Hkv, T, S, D, dtype, causal, pad, device, K=10.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q1, q2 = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
-    k1, k2, v = (torch.randn(B, Hkv, S, D, generator=g) for _ in range(3))
-    inputs = [t.to(device, dtype) for t in (q1, k1, q2, k2, v)]
-    kpm = None
-    if pad:  # left padding on item 0, a hole on item 1
-        kpm = torch.ones(B, S, dtype=torch.bool)
-        kpm[0, : S // 3] = False
-        if B > 1:
-            kpm[1, S // 2] = False
-        kpm = kpm.to(device)
-    dout = torch.randn(B, H, T, D, generator=g).to(device, dtype)
-
+def opamp(case, dtype, device=cases.DEVICE, K=10.0, scale=None):
+    """OpAmp forward and backward: {"out": (kernel, spec), "dq1": (kernel, spec), ...}."""
+    inputs, kpm = cases.opamp_inputs(case, dtype, device)
+    kw = dict(K=K, causal=case.causal, key_padding_mask=kpm, scale=scale)
+    dout = torch.randn(case.B, case.H, case.T, case.D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ins = [t.clone().requires_grad_() for t in inputs]
-    out = tk.opamp_attention(*ins, K=K, causal=causal, key_padding_mask=kpm)
-    grads = torch.autograd.grad(out, ins, dout)
-
+    out = triton_opamp.opamp_attention(*ins, **kw)
+    got = (out, *torch.autograd.grad(out, ins, dout))
     ins64 = [t.detach().double().requires_grad_() for t in inputs]
-    out64 = ref.opamp_attention(*ins64, K=K, causal=causal, key_padding_mask=kpm)
-    grads64 = torch.autograd.grad(out64, ins64, dout.double())
-
-    rel, worst_abs = {}, 0.0
-    for name, a, b in zip(NAMES, (out, *grads), (out64, *grads64)):
-        err = (a.double() - b).abs().max().item()
-        if not torch.isfinite(a).all():
-            err = float("inf")
-        rel[name] = err / max(b.abs().max().item(), 1e-12)
-        worst_abs = max(worst_abs, err)
-    return rel, worst_abs
+    out64 = attention.opamp_attention(*ins64, **kw)
+    want = (out64, *torch.autograd.grad(out64, ins64, dout.double()))
+    return dict(zip(("out", "dq1", "dk1", "dq2", "dk2", "dv"), zip(got, want)))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="the full grid (default on CUDA)")
-    parser.add_argument("--small", action="store_true", help="the small grid (default on CPU)")
-    args = parser.parse_args(argv)
+def sra(case, dtype, device=cases.DEVICE, config=SRA_CONFIG):
+    """SRA, forward: {"out": (kernel, spec)}; raises if the case re-weights nothing (a vacuous check)."""
+    q, k, v = cases.sra_inputs(case, dtype, device)
+    args = (case.layer, case.L, config, list(case.n))
+    got = sra_attention(q, k, v, *args, backend="triton")
+    q, k, v = (t.double() for t in (q, k, v))
+    want = sra_attention_eager(q, k, v, *args)
+    real = torch.arange(case.T, device=device) >= case.T - torch.tensor(case.n, device=device)[:, None]  # (B, T)
+    if torch.equal(want, attention.softmax_attention(q, k, v, key_padding_mask=real)):
+        raise AssertionError("SRA re-weights nothing in this case: the comparison would not test it")
+    return {"out": (got, want)}
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    full = args.full or (device == "cuda" and not args.small)
-    shapes = FULL_SHAPES if full else SMALL_SHAPES
-    dtypes = [torch.float32, torch.float16]
-    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        dtypes.append(torch.bfloat16)  # bf16 dots are wrong under the interpreter: GPU only
-    groups = (1, 4) if full else (1, 2)
 
-    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
-    print(f"OpAmp kernel check on {where}: {'full' if full else 'small'} grid, K=10")
-    print(f"relative error = max|kernel - ref| / max|ref|, ref in float64; tolerances {_fmt_tol()}")
-    header = f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'S':>5} {'D':>4} {'dtype':>8} {'causal':>6} {'pad':>3} |"
-    header += "".join(f"{n:>9}" for n in NAMES) + f" | {'max abs':>8}  ok"
-    print(header)
-    print("-" * len(header))
+def flash(case, dtype, device=cases.DEVICE):
+    """The single-map kernel, forward: {"out": (kernel, spec)}."""
+    q, k, v = cases.flash_inputs(case, dtype, device)
+    got = triton_flash.flash_attention(q, k, v, causal=case.causal)
+    return {"out": (got, attention.softmax_attention(q.double(), k.double(), v.double(), causal=case.causal))}
 
-    failures, worst, t0 = 0, {}, time.time()
-    for B, H, T, S, D, pad in shapes:
-        for group in groups:
+
+def worst(pairs, dtype):
+    """(name, max abs, max rel) of the worst tensor of {name: (kernel, spec)}; inf where a kernel
+    output is not finite, not in the input dtype or not of the spec's shape."""
+    result = ("", 0.0, -1.0)
+    for name, (got, want) in pairs.items():
+        if got.dtype != dtype or got.shape != want.shape or not bool(got.isfinite().all()):
+            return name, math.inf, math.inf
+        err = (got.double() - want).abs().max().item()
+        rel = err / max(want.abs().max().item(), 1e-12)
+        result = max(result, (name, err, rel), key=lambda r: r[2])
+    return result
+
+
+KERNELS = {"opamp": (opamp, cases.OPAMP, cases.OPAMP_FULL), "sra": (sra, cases.SRA, cases.SRA_FULL),
+           "flash": (flash, cases.FLASH, cases.FLASH_FULL)}
+HEADER = f"{'kernel':<6} {'case':<44} {'dtype':<8} {'worst':<5} {'max abs':>8} {'max rel':>8} {'tol':>6}  result"
+
+
+def row(kernel, case, dtype, name, err, rel, tol, ok, note=""):
+    """One line of the table (kernels/gpu_check.py prints its rows with it too)."""
+    return (f"{kernel:<6} {case:<44} {cases.dtype_name(dtype):<8} {name:<5} {err:>8.1e} {rel:>8.1e} {tol:>6.0e}  "
+            f"{'PASS' if ok else 'FAIL'}{note}")
+
+
+def run(kernels, full, device, dtypes):
+    """Print the table; returns the number of FAIL rows."""
+    tol = cases.TOL_FULL if full else cases.TOL
+    print(HEADER + "\n" + "-" * len(HEADER))
+    failures = 0
+    for kernel in kernels:
+        fn, small_cases, full_cases = KERNELS[kernel]
+        for case in full_cases if full else small_cases:
             for dtype in dtypes:
-                for causal in (True, False):
-                    rel, abs_err = run_case(B, H, H // group, T, S, D, dtype, causal, pad, device)
-                    ok = all(e < TOL[dtype] for e in rel.values())
-                    failures += not ok
-                    for n, e in rel.items():
-                        worst[dtype, n] = max(worst.get((dtype, n), 0.0), e)
-                    name = str(dtype).replace("torch.", "")
-                    row = f"{B:>2} {H:>3} {H // group:>3} {T:>5} {S:>5} {D:>4} {name:>8} {causal!s:>6} {'y' if pad else 'n':>3} |"
-                    row += "".join(f"{e:>9.1e}" for e in rel.values()) + f" | {abs_err:>8.1e}  {'ok' if ok else 'FAIL'}"
-                    print(row, flush=True)
+                try:
+                    name, err, rel = worst(fn(case, dtype, device), dtype)
+                    note = ""
+                except Exception as e:  # a FAIL row, and the next case
+                    name, err, rel, note = "", math.nan, math.nan, f"  {type(e).__name__}: {e}".splitlines()[0][:160]
+                ok = rel < tol[dtype]
+                failures += not ok
+                print(row(kernel, cases.label(case), dtype, name, err, rel, tol[dtype], ok, note), flush=True)
+    return failures
 
-    print("-" * len(header))
-    for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
-        print(f"worst {name:>8}: " + "  ".join(f"{n} {worst[dtype, n]:.1e}" for n in NAMES) + f"  (tol {TOL[dtype]:.0e})")
-    print(f"{failures} failure(s), {time.time() - t0:.1f} s")
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="the small grid on CUDA too (the default on CPU)")
+    parser.add_argument("--full", action="store_true", help="the full grid on CPU too (slow)")
+    parser.add_argument("--only", choices=list(KERNELS), action="append", help="this kernel only (repeatable)")
+    args = parser.parse_args(argv)
+    device = cases.DEVICE
+    full = args.full or (device == "cuda" and not args.small)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
+    print(f"kernels/check.py on {where}: the {'full' if full else 'small'} grid; error = max|kernel - spec| / max|spec|")
+    t0 = time.time()
+    failures = run(args.only or list(KERNELS), full, device, cases.dtypes(device))
+    print(f"check: {'FAIL' if failures else 'PASS'}: {failures} failure(s) in {time.time() - t0:.0f} s")
     return 1 if failures else 0
-
-
-def _fmt_tol():
-    return ", ".join(f"{str(d).replace('torch.', '')} {t:.0e}" for d, t in TOL.items())
 
 
 if __name__ == "__main__":
