@@ -1,40 +1,29 @@
 """One way to put a method on a model and take it off.
 
-transformers lets a project register its own attention function; every attention module
-then calls it with the projected, RoPE-rotated queries and keys. We register one,
-``"minimal"``, and each layer dispatches on two attributes of its ``self_attn`` module:
+transformers lets a project register its own attention function, which every attention
+module then calls with the projected, RoPE-rotated queries and keys. We register one,
+``"minimal"``; each layer's ``self_attn`` dispatches on two attributes:
 
-- ``calibration``: a method that changes attention (OpAmp, SRA, ``Eliminate``) or nothing,
-  in which case the layer runs transformers' own SDPA attention, bit for bit the stock model;
-- ``capture``: something that reads the map the layer used (``AttentionCapture``,
-  ``attention_stats.AttentionStatistics``) and changes nothing.
+- ``calibration``: a method that changes attention (OpAmp, SRA, ``Eliminate``); absent, the layer
+  runs transformers' own SDPA attention, bit for bit the stock model;
+- ``capture``: something that reads the map the layer used and changes nothing.
 
-A method is any object with a ``slot`` (``"calibration"`` or ``"capture"``) and:
+A method is an object with ``slot = "calibration"`` or ``"capture"`` and::
 
-    calibration(module, query, key, value, attention_mask, scaling) -> out (B, H, T, D) or None
-        query (B, H, T, D), key and value (B, Hkv, S, D); None = "plain attention here"
-    calibration.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional:
-        the map it really uses, so captures show it (default: :func:`layer_probs`)
+    method(module, query, key, value, attention_mask, scaling) -> (B, H, T, D), or None for plain SDPA
+    method.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional: its map
     capture.record(module, query, key, attention_mask, scaling)
+        query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask bool (B, 1, T, S) or None
 
-Put it on with :func:`attach` (all layers, or ``layers=[...]``, or ``{layer: method}`` for one
-object per layer) and take it off with the handle's ``remove()``, or use the handle as a
-context manager::
+``handle = attach(model, method, layers=None)`` puts it on (``{layer: method}`` for one object
+per layer); ``handle.remove()`` or ``with attach(...) as method:`` takes it off. An ``nn.Module``
+method becomes a submodule of its layer (``state_dict``, ``.to()``, PEFT see it).
+``minimal/eliminate.py`` is the smallest complete method: the one to copy.
 
-    handle = attach(model, Eliminate(1e-2))          # or: with attach(model, Eliminate(1e-2)):
-    model(input_ids)
-    handle.remove()
-
-A method that is an ``nn.Module`` becomes a submodule of its layer, so ``state_dict``,
-``.to(device)`` and PEFT's ``modules_to_save`` see its parameters. ``minimal/eliminate.py`` is
-the smallest complete method: the one to copy for a new one.
-
-The mask: we register transformers' SDPA mask function under the same name, so
-``attention_mask`` is a boolean ``(B, 1, T, S)`` tensor (True = attend) or ``None`` when SDPA's
-``is_causal`` suffices (top-left aligned; for ``T == S`` that is the usual causal mask).
-:func:`boolean_mask` turns both into a tensor. transformers drops the mask when nothing is
-padded, so the hook also notes, per model call, whether the caller passed one
-(``mask_given(module)``).
+The mask is transformers' SDPA mask (registered under our name): ``None`` when SDPA's
+``is_causal`` suffices (top-left aligned), else boolean, True = attend (:func:`boolean_mask`).
+transformers drops it when nothing is padded, so a pre-hook notes whether the caller passed one
+(:func:`mask_given`).
 """
 
 from __future__ import annotations

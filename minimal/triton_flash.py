@@ -22,21 +22,15 @@ module is imported), where bf16 dots are wrong, so bf16 raises there.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+import triton
+import triton.language as tl
 
-from .profiles import TRITON_MISSING, check_kernel_dtype
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:
-    raise ImportError(f"minimal.triton_flash {TRITON_MISSING}") from err
+from .attention import check_opamp_inputs
+from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["flash_attention", "interpreter_active"]
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
 
 
 @triton.jit
@@ -85,33 +79,14 @@ def _flash_fwd_kernel(
     tl.store(O + o_idx, o.to(O.dtype.element_ty), mask=rows[:, None] < T)
 
 
-def interpreter_active() -> bool:
-    """True when this module's kernel runs on Triton's CPU interpreter (TRITON_INTERPRET=1
-    was set before import)."""
-    return type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _check(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a rank-4 tensor (B, H, seq, D), got {getattr(t, 'shape', type(t))}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (B, H, T, D), (Bk, Hk, S, Dk) = q.shape, k.shape
-    if (Bk, Hk, Dk) != (B, H, D):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head dim")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"head dim D={D} is not supported here: use 16, 32, 64 or 128")
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if len({q.device, k.device, v.device}) != 1:
-        raise ValueError("q, k and v must be on one device")
-    check_kernel_dtype(q.dtype, interpreter_active())
-    if not interpreter_active() and not q.is_cuda:
-        raise ValueError("the Triton kernel needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing "
-                         "minimal.triton_flash")
-    return B, H, T, S, D
+    """The reference's input checks (same heads for q, k, v here: no GQA) plus the kernel's."""
+    check_opamp_inputs(q, k, q, k, v)
+    if q.shape[1] != k.shape[1] or q.shape[-1] not in (16, 32, 64, 128):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: this kernel needs as many key as query heads "
+                         "and head dim 16, 32, 64 or 128")
+    check_kernel_inputs(q, "minimal.triton_flash", "minimal.attention.softmax_attention")
+    return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
 
 
 def flash_attention(q, k, v, causal=True, scale=None):
@@ -124,16 +99,9 @@ def flash_attention(q, k, v, causal=True, scale=None):
     scale = D**-0.5 if scale is None else float(scale)
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
     o = torch.empty_like(q)  # (B, H, T, D)
-    if interpreter_active():  # small blocks: fast in numpy, and small inputs still cross blocks
-        blocks, launch = dict(BLOCK_M=16, BLOCK_N=16), {}
-    else:
-        blocks = dict(BLOCK_M=64, BLOCK_N=32 if (D > 64 or q.dtype == torch.float32) else 64)
-        launch = dict(num_warps=8 if D > 64 else 4, num_stages=2)
+    blocks, launch = launch_settings(D, q.dtype)
     grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)  # one program per (query block, batch*head)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # the tensors' GPU
-        _flash_fwd_kernel[grid](
-            q, k, v, o, scale * LOG2E, T, S, D,
-            CAUSAL=bool(causal), BLOCK_D=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            **blocks, **launch,
-        )
+    with on_device(q):
+        _flash_fwd_kernel[grid](q, k, v, o, scale * LOG2E, T, S, D, CAUSAL=bool(causal),
+                                PRECISION=precision(q.dtype), **blocks, **launch)
     return o

@@ -43,23 +43,14 @@ Accumulation is always fp32. Block sizes are plain, untuned choices; no autotuni
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-
-from .profiles import TRITON_MISSING, check_kernel_dtype
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:
-    raise ImportError(f"minimal.triton_opamp {TRITON_MISSING}") from err
+import triton
+import triton.language as tl
 
 from .attention import check_opamp_inputs
+from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["opamp_attention", "interpreter_active"]
-
-LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,44 +283,6 @@ def _opamp_bwd_dq_kernel(
 # Python side: checks, launch settings, the autograd.Function
 
 
-def interpreter_active() -> bool:
-    """True when this module's kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1
-    was set before import)."""
-    return type(_opamp_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_kernel_inputs(q1, k1, q2, k2, v, K, key_padding_mask):
-    """The reference's checks plus what this kernel supports; returns (B, H, Hkv, T, S, D)."""
-    B, H, Hkv, T, S, D = check_opamp_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
-    if not 16 <= D <= 128:
-        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
-    dtype = q1.dtype
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported: use float16, bfloat16 or float32")
-    check_kernel_dtype(dtype, interpreter_active())
-    if not interpreter_active() and not q1.is_cuda:
-        raise ValueError(
-            "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
-            "importing minimal.triton_opamp (or use minimal.attention.opamp_attention)"
-        )
-    return B, H, Hkv, T, S, D
-
-
-def _launch_settings(D, dtype):
-    """Block sizes and warps. Plain choices, not tuned (this is a teaching kernel)."""
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    if interpreter_active():  # small blocks: fast in numpy, and tiny tests still cross blocks
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D), {}
-    big = BLOCK_D > 64 or dtype == torch.float32  # keep register/shared-memory use moderate
-    blocks = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=BLOCK_D)
-    return blocks, dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
-
-
-def _on_device(t):
-    """Launch on the tensor's GPU, not whichever is current (a no-op on CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 class _OpAmpAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1, k1, q2, k2, v, K, causal, key_padding_mask, scale, save):
@@ -339,8 +292,8 @@ class _OpAmpAttention(torch.autograd.Function):
         pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
         scale = D**-0.5 if scale is None else float(scale)
         a, b = float(K) + 0.5, float(K) - 0.5
-        blocks, launch = _launch_settings(D, q1.dtype)
-        precision = "ieee" if q1.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit
+        blocks, launch = launch_settings(D, q1.dtype)
+        dot_precision = precision(q1.dtype)
 
         o = torch.empty_like(q1)  # (B, H, T, D)
         o1 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M+ V
@@ -348,18 +301,18 @@ class _OpAmpAttention(torch.autograd.Function):
         lse1 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
         lse2 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
         grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)
-        with _on_device(q1):
+        with on_device(q1):
             _opamp_fwd_kernel[grid](
                 q1, k1, q2, k2, v, pad if pad is not None else q1,
                 o, o1, o2, lse1, lse2,
                 scale * LOG2E, a, b,
                 H, H // Hkv, T, S, D,
-                CAUSAL=bool(causal), HAS_PAD=pad is not None, SAVE=bool(save), PRECISION=precision,
+                CAUSAL=bool(causal), HAS_PAD=pad is not None, SAVE=bool(save), PRECISION=dot_precision,
                 **blocks, **launch,
             )
         if save:
             ctx.save_for_backward(q1, k1, q2, k2, v, o1, o2, lse1, lse2, pad)
-            ctx.args = (scale, a, b, bool(causal), blocks, launch, precision)
+            ctx.args = (scale, a, b, bool(causal), blocks, launch, dot_precision)
         return o
 
     @staticmethod
@@ -382,7 +335,7 @@ class _OpAmpAttention(torch.autograd.Function):
         sizes = (scale * LOG2E, scale, a, b, H, H // Hkv, T, S, D)
         grid_kv = (triton.cdiv(S, blocks["BLOCK_N"]), B * Hkv)  # one program per key block
         grid_q = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)  # one program per query block
-        with _on_device(q1):
+        with on_device(q1):
             _opamp_bwd_dkdv_kernel[grid_kv](*args, dk1, dk2, dv, *sizes, **consts)
             _opamp_bwd_dq_kernel[grid_q](*args, dq1, dq2, *sizes, **consts)
         return dq1, dk1, dq2, dk2, dv, None, None, None, None, None
@@ -395,6 +348,7 @@ def opamp_attention(q1, k1, q2, k2, v, K=10.0, causal=True, key_padding_mask=Non
     q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D); returns (B, H, T, D) in the input dtype.
     Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
     """
-    _check_kernel_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
+    check_opamp_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
+    check_kernel_inputs(q1, "minimal.triton_opamp", "minimal.attention.opamp_attention")
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, q2, k2, v))
     return _OpAmpAttention.apply(q1, k1, q2, k2, v, float(K), causal, key_padding_mask, scale, save)

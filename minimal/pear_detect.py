@@ -1,0 +1,255 @@
+"""PEAR's detection (arXiv 2409.19745): which heads hold copying back?
+
+Replace a head's output at the final position of a copy sequence ``x1..xn x1..xn`` by its
+batch mean and measure how ``logit(target) - mean logit`` changes. Heads whose removal *raises*
+the copy logit suppress copying; ``minimal.pear`` re-weights the top-k of them. A head's output
+is the slice ``x_h`` of ``o_proj``'s input, ``o_proj(x) = sum_h W_O[:, hD:(h+1)D] x_h``.
+Tags: [paper] stated in the paper, [code] the authors' public code, [choice] this project's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .hooks import attention_modules
+
+VARIANTS = ("mean", "path")
+
+
+# ----------------------------------------------------------------------------- model geometry
+
+
+def geometry(model) -> tuple[int, int, int]:
+    """``(num_layers, num_heads, head_dim)`` as ``o_proj`` sees them."""
+    attn = attention_modules(model)
+    num_heads = model.config.num_attention_heads
+    return len(attn), num_heads, attn[0].o_proj.in_features // num_heads
+
+
+def check_coefficients(model, coefficients) -> dict[tuple[int, int], float]:
+    """``{(layer, head): tau}`` (or a list of heads, then tau = 1) checked: distinct heads the model
+    has, finite taus; else ValueError."""
+    if not isinstance(coefficients, dict):
+        heads = [tuple(h) if isinstance(h, (tuple, list)) else (h,) for h in coefficients]
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"heads has duplicates: {heads}")
+        coefficients = dict.fromkeys(heads, 1.0)
+    if not coefficients:
+        raise ValueError("heads/coefficients must name at least one (layer, head)")
+    num_layers, num_heads, _ = geometry(model)
+    for pair, tau in coefficients.items():
+        if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+            raise ValueError(f"heads must be (layer, head) pairs of ints, got {pair!r}")
+        if not (0 <= pair[0] < num_layers and 0 <= pair[1] < num_heads):
+            raise ValueError(f"head {pair} does not exist: the model has layers 0..{num_layers - 1} "
+                             f"and heads 0..{num_heads - 1}")
+        if not math.isfinite(float(tau)):
+            raise ValueError(f"coefficients must be finite numbers, got {tau} for head {pair}")
+    return {pair: float(tau) for pair, tau in coefficients.items()}
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass
+class HeadScores:
+    """Detection result. ``scores[l, h]``: mean change of ``logit(target) - mean logit`` at the
+    final position when head ``(l, h)`` is mean-ablated there (positive = the head suppresses
+    copying), averaged over the settings; ``per_setting`` keeps each setting's ``(L, H)``."""
+
+    scores: torch.Tensor  # (L, H)
+    per_setting: torch.Tensor  # (S, L, H)
+    clean: list[float]  # the clean copy score per setting (mean over samples)
+    variant: str
+    settings: list[tuple[int, int]] = field(default_factory=list)
+
+
+def copy_scorer(model):
+    """A function ``(hidden (R, d), target (R,)) -> (R,)``: ``logit(target) - mean logit``.
+
+    The unembedding is linear, so this is ``h . (W_U[target] - mean_v W_U[v])`` (+ the bias
+    difference): no need to build the ``(R, vocab)`` logits. The mean row is computed once.
+    """
+    head = model.get_output_embeddings()
+    w = head.weight  # (V, d)
+    w_mean = w.mean(0)  # (d,)
+    bias = getattr(head, "bias", None)
+
+    def score(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = (hidden.to(w.dtype) * (w[target] - w_mean)).sum(-1)  # (R,)
+        if bias is not None:
+            out = out + bias[target] - bias.mean()
+        return out.float()
+
+    return score
+
+
+@torch.no_grad()
+def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", max_rows: int = 72,
+                progress: bool = True) -> HeadScores:
+    """Mean-ablate every head at the final position and score the change of the copy logit.
+
+    For a batch ``ids (B, 2n)`` the input is ``ids[:, :-1]``, the target ``x_n``; head ``(l, h)``'s
+    output at the final position (``x_h`` in ``o_proj``'s input) becomes its batch mean, and::
+
+        score[l, h] = mean_b [ s_ablated(b) - s_clean(b) ],   s = logit(target) - mean logit
+
+    averaged over the settings. Ablating the final position changes no earlier one (causal
+    attention), so only the final position is recomputed. Two variants [choice]:
+
+    - ``"path"`` (path patching, the authors' choice [code]): later heads are frozen to the clean
+      run, so the head reaches the logits only through the residual stream, MLPs and norms.
+      With ``h_j``, ``a_j`` the clean residual into layer ``j`` and its attention output,
+      ablating ``(l, h)`` adds ``W_O[:, hD:(h+1)D] (mean_h - x_h)`` to ``a_l``, then
+      ``h_{j+1} = m_j + MLP_j(norm_j(m_j))``, ``m_j = h_j + a_j``, for ``j >= l``: no attention
+      at all, all heads and samples at once.
+    - ``"mean"``: plain mean ablation, propagated everywhere. The prefix runs once into a KV
+      cache; the last token re-runs against copies of it, row ``b*H + g`` = sample ``b`` with
+      head ``g`` ablated, ``max_rows`` rows a forward: ``L * H * samples`` one-token forwards.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose one of {', '.join(map(repr, VARIANTS))}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows}: need at least 1")
+    num_layers, num_heads, head_dim = geometry(model)
+    device = next(model.parameters()).device
+    score = copy_scorer(model)
+    per_setting, clean_scores = [], []
+    bar = tqdm(total=len(dataset) * num_layers, desc=f"head scores ({variant})", disable=not progress)
+    for ids in dataset:
+        ids = ids.to(device)
+        run = _path_scores if variant == "path" else _mean_scores
+        scores, clean = run(model, ids, score, max_rows, bar)
+        per_setting.append(scores.cpu())
+        clean_scores.append(clean.mean().item())
+    bar.close()
+    per_setting = torch.stack(per_setting)  # (S, L, H)
+    settings = [(ids.shape[1] // 2, ids.shape[0]) for ids in dataset]
+    return HeadScores(per_setting.mean(0), per_setting, clean_scores, variant, settings)
+
+
+def _clean_final_position(model, ids, past_key_values=None):
+    """One clean forward of ``ids``; at the final position, per layer: the residual entering
+    the layer ``h (B, d)``, the heads ``x (B, H*D)`` (o_proj's input), the attention output
+    ``a (B, d)``; and the final hidden state ``(B, d)``."""
+    layers = model.base_model.layers
+    h, x, a = {}, {}, {}
+
+    def layer_in(i):
+        def hook(module, args, kwargs):
+            h[i] = (args[0] if args else kwargs["hidden_states"])[:, -1]
+        return hook
+
+    def heads_in(i):
+        def hook(module, args):
+            x[i] = args[0][:, -1]
+        return hook
+
+    def attn_out(i):
+        def hook(module, args, output):
+            a[i] = output[0][:, -1]
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(layer_in(i), with_kwargs=True))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_in(i)))
+        handles.append(layer.self_attn.register_forward_hook(attn_out(i)))
+    try:
+        final = model.base_model(ids, past_key_values=past_key_values).last_hidden_state[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return h, x, a, final
+
+
+def _path_scores(model, ids, score, max_rows, bar):
+    """Path patching at the final position: MLPs and norms recomputed, attention frozen."""
+    layers = model.base_model.layers
+    for layer in layers:
+        if not (hasattr(layer, "post_attention_layernorm") and hasattr(layer, "mlp")):
+            raise ValueError("variant='path' needs Llama-style decoder layers (post_attention_layernorm, mlp)")
+    num_layers, num_heads, head_dim = geometry(model)
+    target = ids[:, -1]
+    h, x, a, final = _clean_final_position(model, ids[:, :-1])
+    clean = score(final, target)  # (B,)
+    batch = ids.shape[0]
+    scores = torch.zeros(num_layers, num_heads, device=ids.device)
+    for l in range(num_layers):
+        heads = x[l].view(batch, num_heads, head_dim)  # (B, H, D)
+        change = heads.mean(0) - heads  # (B, H, D): mean_h - x_h
+        w = layers[l].self_attn.o_proj.weight.view(-1, num_heads, head_dim)  # (d, H, D)
+        delta = torch.einsum("bhe,dhe->bhd", change, w)  # (B, H, d): each head's change through W_O
+        resid = (h[l] + a[l])[:, None] + delta  # (B, H, d) residual after layer l's attention
+        for j in range(l, num_layers):
+            if j > l:
+                resid = resid + a[j][:, None]  # later attention: frozen to the clean run
+            resid = resid + layers[j].mlp(layers[j].post_attention_layernorm(resid))
+        hidden = model.base_model.norm(resid)  # (B, H, d)
+        scores[l] = (score(hidden.flatten(0, 1), target.repeat_interleave(num_heads)).view(batch, num_heads)
+                     - clean[:, None]).mean(0)
+        bar.update(1)
+    return scores, clean
+
+
+def _mean_scores(model, ids, score, max_rows, bar):
+    """Mean ablation with full propagation: the last token re-run against the prefix's KV cache."""
+    attn = attention_modules(model)
+    num_layers, num_heads, head_dim = geometry(model)
+    batch = ids.shape[0]
+    prefix, last, target = ids[:, :-2], ids[:, -2:-1], ids[:, -1]
+    cache = model.base_model(prefix, use_cache=True).past_key_values
+    _, x, _, final = _clean_final_position(model, last, past_key_values=copy.deepcopy(cache))
+    clean = score(final, target)  # (B,)
+    scores = torch.zeros(num_layers, num_heads, device=ids.device)
+    chunk = max(1, max_rows // num_heads)  # samples per forward
+    eye = torch.eye(num_heads, dtype=torch.bool, device=ids.device)  # eye[g, h]: row g ablates head h
+    for l in range(num_layers):
+        mean = x[l].mean(0).view(num_heads, head_dim)  # (H, D), the batch mean
+        total = torch.zeros(num_heads, device=ids.device)
+        for b0 in range(0, batch, chunk):
+            rows = torch.arange(b0, min(b0 + chunk, batch), device=ids.device).repeat_interleave(num_heads)
+            sub = copy.deepcopy(cache)
+            sub.batch_select_indices(rows)  # (R = b*H) copies of the samples' prefix
+            handle = attn[l].o_proj.register_forward_pre_hook(_mean_ablation(mean, eye))
+            try:
+                hidden = model.base_model(last[rows], past_key_values=sub).last_hidden_state[:, -1]
+            finally:
+                handle.remove()
+            total += (score(hidden, target[rows]) - clean[rows]).view(-1, num_heads).sum(0)
+        scores[l] = total / batch
+        bar.update(1)
+    return scores, clean
+
+
+def _mean_ablation(mean: torch.Tensor, eye: torch.Tensor):
+    """o_proj pre-hook: in row ``b*H + g``, head ``g``'s output at the final position := ``mean[g]``."""
+    num_heads, head_dim = mean.shape
+
+    def pre(module, args):
+        x = args[0]  # (R, 1, H*D)
+        heads = x[:, -1].view(-1, num_heads, num_heads, head_dim)  # (b, g, h, D)
+        heads = torch.where(eye[None, :, :, None], mean.to(x.dtype), heads)
+        return (torch.cat([x[:, :-1], heads.reshape(x.shape[0], 1, -1)], dim=1), *args[1:])
+
+    return pre
+
+
+def top_heads(scores, k: int) -> list[tuple[int, int]]:
+    """The ``k`` heads with the largest scores (ablating them raises the copy logit most),
+    as ``(layer, head)`` pairs, best first. ``scores``: ``(L, H)`` tensor or a HeadScores."""
+    scores = scores.scores if isinstance(scores, HeadScores) else torch.as_tensor(scores)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (layers, heads), got shape {tuple(scores.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.numel():
+        raise ValueError(f"k={k!r}: choose an integer from 1 to the number of heads ({scores.numel()})")
+    flat = scores.flatten().topk(k).indices
+    num_heads = scores.shape[1]
+    return [(int(i) // num_heads, int(i) % num_heads) for i in flat]
+
+
