@@ -9,8 +9,6 @@ Everything runs in float64, so the tolerances are tight (1e-10) except against D
 whose eager path takes its softmax in float32 (1e-6 relative there).
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from minimal.attention import (
     opamp_maps,
     softmax_attention,
 )
+from minimal.opamp_theory import diffllama_vs_opamp
 
 DT = torch.float64
 TOL = 1e-10
@@ -50,61 +49,13 @@ def max_rel(a, b):
 
 @pytest.mark.parametrize("K", [0.5, 1.0, 10.0])
 def test_opamp_matches_diffllama_attention(K):
-    """Run transformers' own DiffLlamaAttention.forward and recover OpAmp from it.
-
-    How DiffLlama computes (transformers 5.x, modeling_diffllama.py): the H query heads and
-    Hkv key heads are split in halves; query head i < H/2 with its key head is map 1, query
-    head i + H/2 with its key head is map 2; V's KV heads are split in two halves that are
-    concatenated along the head dim (so each map reads values of width 2D). Then
-    out = (1 - lambda_init) * RMSNorm(O1 - lambda_full * O2), lambda_full =
-    exp(lq1.lk1) - exp(lq2.lk2) + lambda_init, followed by o_proj.
-
-    To compare: set its learnable lambda vectors so that lambda_full = (K-1/2)/(K+1/2),
-    replace the parameter-free RMSNorm (`groupnorm`, a plain submodule) and o_proj by
-    identities, and make RoPE the identity (cos=1, sin=0). Then
-    DiffLlama = (1 - lambda_init)/(K + 1/2) * OpAmp, where OpAmp's values are the two V
-    halves (OpAmp is linear in V, so we run it once per half and concatenate).
-    """
-    from transformers import DiffLlamaConfig
-    from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention
-
-    B, T, H, Hkv, D = 2, 9, 4, 2, 16
-    cfg = DiffLlamaConfig(
-        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
-        intermediate_size=32, num_hidden_layers=1, vocab_size=16,
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    attn = DiffLlamaAttention(cfg, layer_idx=1).to(DT).eval()
-
-    lam = (K - 0.5) / (K + 0.5)
-    with torch.no_grad():  # exp(lq1.lk1) - exp(0) + lambda_init = lam
-        x = math.log(lam + 1 - attn.lambda_init)
-        attn.lambda_q1.fill_(x / D)
-        attn.lambda_k1.fill_(1.0)
-        attn.lambda_q2.zero_()
-        attn.lambda_k2.zero_()
-    attn.groupnorm = torch.nn.Identity()  # the per-head norm that OpAmp does not have
-    attn.o_proj = torch.nn.Identity()
-
-    hidden = rand(B, T, H * D, seed=1)
-    cos, sin = torch.ones(B, T, D, dtype=DT), torch.zeros(B, T, D, dtype=DT)
-    kpm = torch.ones(B, T, dtype=torch.bool)
-    kpm[1, -3:] = False  # right padding (no query row is left without keys)
-    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & kpm[:, None, None, :]
-    additive = torch.zeros(B, 1, T, T, dtype=DT).masked_fill(~allowed, torch.finfo(DT).min)
-    with torch.no_grad():
-        theirs, _ = attn(hidden, (cos, sin), attention_mask=additive)  # (B, T, H * D)
-
-        q = attn.q_proj(hidden).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(hidden).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = attn.v_proj(hidden).view(B, T, Hkv, D).transpose(1, 2)
-        h, hk = H // 2, Hkv // 2
-        q1, q2, k1, k2 = q[:, :h], q[:, h:], k[:, :hk], k[:, hk:]
-        halves = [opamp_attention(q1, k1, q2, k2, vv, K=K, key_padding_mask=kpm) for vv in (v[:, :hk], v[:, hk:])]
-        ours = torch.cat(halves, dim=-1).transpose(1, 2).reshape(B, T, H * D)  # (B, T, H/2 * 2D)
-        ours = ours * (1 - attn.lambda_init) / (K + 0.5)
+    """transformers' own DiffLlamaAttention.forward with lambda_full = (K-1/2)/(K+1/2), identity
+    RoPE, norm and o_proj, equals (1 - lambda_init)/(K + 1/2) x OpAmp (the set-up and the
+    derivation are in minimal.opamp_theory.diffllama_vs_opamp, which notebook 01 also runs)."""
+    theirs, ours = diffllama_vs_opamp(K)
     assert max_rel(ours, theirs) < 1e-6
+    with_norm, _ = diffllama_vs_opamp(K, keep_norm=True)  # DiffLlama's per-head norm: a real difference
+    assert max_rel(ours, with_norm) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------
