@@ -68,3 +68,25 @@ def test_bad_input(tiny):
         with pytest.raises(ValueError, match="already carries Eliminate"):
             eliminate(model, 0.02)
     assert hooks.attached(model, Eliminate) == {}
+
+
+def test_readme_example_is_the_same_method(tiny):
+    """The README's "How methods plug in" shows a short Eliminate: it runs, and equals this file's."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "class Eliminate" in b)
+    model, tok = tiny
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    scope = {"model": model, "batch": batch}
+    with torch.no_grad():
+        code = code.replace("model.generate(**batch)", "readme_logits = model(**batch).logits")
+        exec(code.replace("layers=[3, 4]", "layers=[1]"), scope)  # the tiny model has layers 0 and 1
+        with hooks.attach(model, Eliminate(1e-2), layers=[1]):
+            expected = model(**batch).logits
+        with hooks.attach(model, scope["Eliminate"](1e-2), layers=[1]):
+            got = model(**batch).logits
+    assert hooks.attached(model, scope["Eliminate"]) == {}
+    real = batch.attention_mask.bool()
+    assert (got - expected)[real].abs().max() < 1e-5
