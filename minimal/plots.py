@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+from .sra import SRAConfig, window_table
+
 
 def plot_accuracy(grid, x: str, group: str | None = None, ax=None, label: str | None = None, marker="o"):
     """Accuracy vs ``x`` with Wilson 95% intervals as error bars; one line per ``group`` value."""
@@ -52,4 +54,33 @@ def plot_document_heatmap(mass, gold, ax=None, title: str = "", label: str = "at
     ax.set_ylabel("layer")
     ax.set_title(title)
     plt.colorbar(im, ax=ax, label=label)
+    return ax
+
+
+def plot_windows(n: int, num_layers: int, config: SRAConfig | None = None, ax=None, title: str = "", spans=None,
+                 gold=()):
+    """SRA per layer on n tokens: the window W that receives the removed mass (bars), the rows (thin lines).
+
+    spans: token spans (e.g. a prompt's documents) shaded behind; the indices in ``gold`` green.
+    """
+    ax, config = ax or plt.gca(), config or SRAConfig()
+    for i, (s0, s1) in enumerate(spans or []):
+        ax.axvspan(s0, s1, color="tab:green" if i in gold else "0.85", alpha=0.35 if i in gold else 0.5, lw=0)
+    labelled = set()
+    for row in window_table(n, num_layers, config):
+        for name, color, dy in (("inner", "tab:blue", -0.18), ("outer", "tab:orange", 0.18)):
+            if name in row:
+                (w0, w1), (r0, r1), y = row[name]["window"], row[name]["rows"], row["layer"] + dy
+                ax.barh(y, w1 - w0, left=w0, height=0.32, color=color,
+                        label=None if name in labelled else f"{name} pass: window W (bar), rows (line)")
+                ax.plot([r0, r1], [y, y], color=color, lw=0.8, alpha=0.6)
+                labelled.add(name)
+    ax.axvline(config.begin, color="gray", ls=":", lw=1)
+    ax.axvline(n - config.tail, color="gray", ls="--", lw=1)
+    ax.set_xlim(0, n)
+    ax.set_xlabel(f"token position (n = {n}; dotted: b = {config.begin}, dashed: n - t = {n - config.tail})")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "SRA windows per layer (bars: W; thin lines: the rows re-weighted)")
+    if labelled:
+        ax.legend(fontsize=8, loc="lower right")
     return ax

@@ -1,11 +1,9 @@
-"""Scaled ReAttention in Triton: two passes per query block, never building the (T, T) map.
+"""Scaled ReAttention in Triton: the rows function ``sra_rows`` of ``minimal.sra_linear.sra_output``,
+two passes per query block, never building the (T, T) map. The spec is ``minimal.sra.reattend``.
 
-The spec is ``minimal.sra.sra_attention_eager`` (``reattend(softmax(Q K^T s)) V``); read
-``minimal/sra.py`` first. SRA changes a row's probabilities by rules that need the *final*
-probability ``p_j = exp(s_j - lse)`` of every key (is it below the threshold theta?), so the
-usual one-pass online softmax of FlashAttention is not enough: we cannot decide "keep or drop"
-while the running max is still moving. Two passes are, because everything the output needs
-is a sum over keys once the row's log-sum-exp is known (per row i, window W = [lo, hi)):
+SRA's rules need each key's *final* probability ``p_j = exp(s_j - lse)`` (is it below theta?), so
+the one-pass online softmax of FlashAttention is not enough. Two passes are: once the row's
+log-sum-exp is known, all the output needs is sums over keys (row i, window W = [lo, hi)):
 
 pass 1   ``_sra_lse_kernel``: lse_i = log sum_j exp(s_ij), an online max and sum over key blocks.
 pass 2   ``_sra_out_kernel``: with p_ij = exp(s_ij - lse_i), over key blocks again,
@@ -16,20 +14,12 @@ pass 2   ``_sra_out_kernel``: with p_ij = exp(s_ij - lse_i), over key blocks aga
 
          it stores out = kept + r g mv / M and the flag valid.
 
-Each pass is one program per (query block, batch*head), as in FlashAttention-2 (Dao, 2023) and
-Triton's fused-attention tutorial; K/V tiles are read by the query head's KV head (GQA), never
-repeated in memory. The wrapper first gives every row plain attention (SDPA), then sends only
-the rows SRA touches (one chunk of c rows and the t tail rows per layer) through the two
-kernels, and keeps their output where valid; ``minimal.sra.sra_attention`` does the same in
-PyTorch (they share ``minimal.sra.sra_output``).
-
-The per-row parameters come from ``minimal.sra.row_plan``: theta, lo, hi (B, R) in padded
-positions; an untouched row has lo = hi (an empty window, never valid) and comes out plain.
-Conventions: q (B, H, R, D) holds the *last* R of S positions (bottom-right causal: row r sees
-keys j <= r + S - R); key_real (B, S) is True on real tokens (left padding); a row that sees no
-key outputs 0. Head dims 16..128; fp16, bf16, fp32 on a GPU (fp32 dots in IEEE precision, not
-TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1, set before this module
-is imported), where bf16 dots are wrong, so bf16 raises there. Accumulation is fp32.
+One program per (query block, batch*head), as in FlashAttention-2 (Dao, 2023) and Triton's
+fused-attention tutorial; K/V tiles are read by the query head's KV head (GQA), never repeated.
+q (B, H, R, D) holds the *last* R of S positions (bottom-right causal); key_real (B, S) is True on
+real tokens (left padding); a row that sees no key outputs 0. Head dims 16..128; fp16, bf16, fp32
+on a GPU (fp32 dots in IEEE precision, not TF32); fp32 and fp16 under Triton's CPU interpreter
+(TRITON_INTERPRET=1, set before import), where bf16 dots are wrong, so bf16 raises. fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -46,10 +36,7 @@ try:
 except ImportError as err:
     raise ImportError(f"minimal.triton_sra {TRITON_MISSING}") from err
 
-from .attention import check_opamp_inputs
-from .sra import sra_output
-
-__all__ = ["sra_attention", "interpreter_active"]
+__all__ = ["sra_rows", "interpreter_active"]
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
@@ -72,10 +59,7 @@ def _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION: tl.constexpr
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, kv_idx, kv_mask
 
 
-# ----------------------------------------------------------------------------------------
-# Pass 1: each row's log-sum-exp
-
-
+# ------------------------------------------------------------------ pass 1: each row's log-sum-exp
 @triton.jit
 def _sra_lse_kernel(
     Q, K, PAD, LSE,  # Q (B,H,R,D), K (B,Hkv,S,D), PAD (B,S) int8, LSE (B,H,R) fp32 out
@@ -109,10 +93,7 @@ def _sra_lse_kernel(
     tl.store(LSE + bh * R + rows, lse, mask=rows < R)
 
 
-# ----------------------------------------------------------------------------------------
-# Pass 2: the accumulators and the output
-
-
+# --------------------------------------------------------- pass 2: the accumulators and the output
 @triton.jit
 def _sra_out_kernel(
     Q, K, V, PAD, LSE, THETA, LO, HI, O, VALID,  # THETA (B,R) fp32, LO/HI (B,R) int32; O (B,H,R,D), VALID (B,H,R)
@@ -166,27 +147,10 @@ def _sra_out_kernel(
     tl.store(VALID + bh * R + rows, valid.to(tl.int8), mask=rows < R)
 
 
-# ----------------------------------------------------------------------------------------
-# Python side
-
-
+# ------------------------------------------------------------------------------------- python side
 def interpreter_active() -> bool:
     """True when the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
     return type(_sra_out_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_kernel_inputs(q, k, v):
-    B, H, Hkv, T, S, D = check_opamp_inputs(q, k, q, k, v)
-    if not 16 <= D <= 128:
-        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
-    check_kernel_dtype(q.dtype, interpreter_active())
-    if not interpreter_active() and not q.is_cuda:
-        raise ValueError(
-            "the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
-            "importing minimal.triton_sra (or use minimal.sra.sra_attention)"
-        )
 
 
 def _launch_settings(D, dtype):
@@ -199,16 +163,21 @@ def _launch_settings(D, dtype):
     return blocks, dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
 
 
-def _on_device(t):
-    """Launch on the tensor's GPU, not whichever is current (a no-op on CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def sra_rows(q, k, v, theta, lo, hi, key_real, scale, gain):
+    """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R) bool)``.
 
-
-def _sra_rows_triton(q, k, v, theta, lo, hi, key_real, scale, gain):
-    """The rows function of ``minimal.sra.sra_output``: q (B,H,R,D) are the last R of S positions.
-
-    Returns (out (B, H, R, D), valid (B, H, R) bool): the re-weighted rows and where they apply."""
+    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R) the plan; key_real (B, S) bool.
+    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
+    """
     B, H, R, D = q.shape
+    if not 16 <= D <= 128:
+        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
+    check_kernel_dtype(q.dtype, interpreter_active())
+    if not interpreter_active() and not q.is_cuda:
+        raise ValueError("the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
+                         "importing minimal.triton_sra (or use backend=\"blocked\")")
     Hkv, S = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pad = key_real.to(torch.int8).contiguous()  # (B, S)
@@ -222,22 +191,8 @@ def _sra_rows_triton(q, k, v, theta, lo, hi, key_real, scale, gain):
     valid = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     grid = (triton.cdiv(R, blocks["BLOCK_M"]), B * H)
     sizes = (H, H // Hkv, R, S, D)
-    with _on_device(q):
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # q's GPU, not the current one
         _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, PRECISION=precision, **blocks, **launch)
-        _sra_out_kernel[grid](
-            q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes,
-            PRECISION=precision, **blocks, **launch,
-        )
+        _sra_out_kernel[grid](q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes,
+                              PRECISION=precision, **blocks, **launch)
     return out, valid.bool()
-
-
-def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, scale=None):
-    """SRA attention with the Triton kernels; same signature and numbers as
-    ``minimal.sra.sra_attention`` (and the spec ``minimal.sra.sra_attention_eager``).
-
-    q (B, H, T, D); k, v (B, Hkv, T, D); lengths: real tokens per sequence (left padding).
-    Returns (B, H, T, D) in q's dtype. Forward only (SRA is an inference-time method).
-    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
-    """
-    _check_kernel_inputs(q, k, v)
-    return sra_output(q, k, v, layer_idx, num_layers, config, lengths, scale, _sra_rows_triton)

@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from minimal import hooks, sra
+from functools import partial
+
+from minimal import hooks, sra, sra_linear
 from minimal.sra import SRAConfig
 
 # ----------------------------------------------------------------------------------------
@@ -181,14 +183,17 @@ def test_reattend_batch_each_sequence_its_own_windows():
     assert torch.equal(sra.reattend(A[:, :, rows], 1, L, config, lengths=lengths, rows=rows), full[:, :, rows])
 
 
-def test_reattend_bad_lengths():
-    A = causal_probs(1, 10, 0)[None]
-    with pytest.raises(ValueError, match="lengths"):
-        sra.reattend(A, 0, 4, SRAConfig(), lengths=[11])
-    with pytest.raises(ValueError, match="lengths"):
-        sra.reattend(A, 0, 4, SRAConfig(), lengths=[5, 5])
-    with pytest.raises(ValueError, match="config"):
-        sra.reattend(A, 0, 4, {"gain": 4})
+def test_sra_attention_bad_input():
+    q, k, v = _qkv(1, 2, 2, 10, 16)
+    for kwargs, words in [(dict(lengths=[11]), "lengths"), (dict(lengths=[5, 5]), "lengths"),
+                          (dict(lengths=[2.5]), "lengths"), (dict(config={"gain": 4}), "config"),
+                          (dict(backend="fast"), "backend")]:
+        with pytest.raises(ValueError, match=words):
+            sra.sra_attention(q, k, v, 0, 4, **kwargs)
+    with pytest.raises(ValueError, match="prefill"):
+        sra.sra_attention(q[:, :, :4], k, v, 0, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        sra.sra_attention(torch.randn(1, 3, 10, 16), k, v, 0, 4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,33 +233,29 @@ def test_linear_memory_form_equals_spec(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for layer in range(L):
         spec = _independent(q, k, v, layer, L, config, lengths)
-        eager = sra.sra_attention_eager(q, k, v, layer, L, config, lengths)
-        blocked = sra.sra_attention(q, k, v, layer, L, config, lengths, tile=3 * 4 * 70 * 5)  # 5-row blocks
+        eager = sra.sra_attention(q, k, v, layer, L, config, lengths, backend="eager")
+        plan = sra.row_plan(layer, L, config, lengths, T)
+        rows_fn = partial(sra_linear.blocked_rows, tile=3 * 4 * 70 * 5)  # 5-row blocks
+        blocked = sra_linear.sra_output(q, k, v, *plan, lengths, D**-0.5, config.gain, rows_fn)
         default_blocks = sra.sra_attention(q, k, v, layer, L, config, lengths)
         for got in (eager, blocked, default_blocks):
             assert got.dtype == dtype
             assert (got.double() - spec).abs().max().item() <= tol * spec.abs().max().item()
-    assert sra.touched_spans(sra.row_plan(1, L, config, lengths, T))  # the case touches rows
+    plan = sra.row_plan(1, L, config, lengths, T)
+    assert sra_linear.touched_spans(plan.lo < plan.hi)  # the case touches rows
 
 
 def test_linear_memory_form_changes_what_sra_should_change():
     B, H, T, D, L = 1, 2, 64, 16, 4
     config = SRAConfig(begin=4, tail=10, f_inner=0.5, f_outer=0.5, gain=4.0)
     q, k, v = _qkv(B, H, H, T, D, seed=3)
-    plain = sra.plain_attention(q, k, v, [T], D**-0.5)
+    plain = sra_linear.plain_attention(q, k, v, [T], D**-0.5)
     out = sra.sra_attention(q, k, v, 1, L, config)
     changed = ((out - plain).abs().amax(-1) > 1e-6).any(1)[0]  # (T,) rows that differ
-    touched = sra.row_plan(1, L, config, [T], T).touched[0]
+    plan = sra.row_plan(1, L, config, [T], T)
+    touched = (plan.lo < plan.hi)[0]
     assert changed.any() and not (changed & ~touched).any()  # only touched rows move
     assert torch.equal(sra.sra_attention(q, k, v, L - 1, L, config), plain)  # last layer: nothing
-
-
-def test_linear_memory_form_bad_input():
-    q, k, v = _qkv(1, 2, 2, 8, 16)
-    with pytest.raises(ValueError, match="prefill"):
-        sra.sra_attention(q[:, :, :4], k, v, 0, 4)
-    with pytest.raises(ValueError, match="multiple"):
-        sra.sra_attention(torch.randn(1, 3, 8, 16), k, v, 0, 4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,15 +280,15 @@ def _logits(model, enc):
         return model(**enc).logits
 
 
-def test_model_impls_agree_and_batch_equals_single(tiny):
+def test_model_backends_agree_and_batch_equals_single(tiny):
     model, tok = tiny
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     real = enc.attention_mask.bool()
     base = _logits(model, enc)
     outs = {}
-    for impl in ("eager", "blocked"):
-        with sra.sra(model, CONFIG, impl=impl):
-            outs[impl] = _logits(model, enc)
+    for backend in ("eager", "blocked"):
+        with sra.sra(model, CONFIG, backend=backend):
+            outs[backend] = _logits(model, enc)
     assert (outs["eager"] - outs["blocked"])[real].abs().max() < 1e-4
     assert (outs["eager"] - base)[real].abs().max() > 1e-3  # SRA does something
     with sra.sra(model, CONFIG):
@@ -315,9 +316,9 @@ def test_model_capture_shows_the_reweighted_map(tiny):
     q, k = torch.randn(2, 4, 40, 16) * 3, torch.randn(2, 2, 40, 16) * 3
     mask = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 1, 40, 40).clone()
     mask[1, :, :, :7] = False  # item 1 left-padded by 7
-    plain = hooks.attention_probs(module, q, k, mask, 0.25)
+    plain = hooks.layer_probs(module, q, k, mask, 0.25)
     expected = sra.reattend(plain, 1, L, CONFIG, lengths=[40, 33])
-    assert (method.probs(module, q, k, mask, 0.25) - expected).abs().max() < 1e-6
+    assert (method.probs(module, q, k, mask, 0.25, None) - expected).abs().max() < 1e-6
     rows = torch.tensor([39])
     assert torch.allclose(method.probs(module, q, k, mask, 0.25, rows), expected[:, :, rows], atol=1e-6)
     assert (expected - plain).abs().max() > 1e-3
@@ -328,9 +329,7 @@ def test_decoding_steps_are_plain_and_generate_works(tiny):
     method = sra.SRA(CONFIG, num_layers=4)
     module = hooks.attention_modules(model)[1]
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
-    got = method(module, q, k, v, None, scaling=0.25)
-    expected, _ = hooks.sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
-    assert torch.equal(got, expected)
+    assert method(module, q, k, v, None, 0.25) is None  # None: the hook runs plain SDPA
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     with sra.sra(model, CONFIG), torch.no_grad():
         out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -366,8 +365,8 @@ def test_bad_model_input(tiny):
     right = {k: v.flip(-1) for k, v in enc.items()}  # right padding
     with sra.sra(model, CONFIG), pytest.raises(ValueError, match="left-padded"):
         _logits(model, right)
-    with pytest.raises(ValueError, match="impl"):
-        sra.apply_sra(model, CONFIG, impl="fast")
+    with pytest.raises(ValueError, match="backend"):
+        sra.apply_sra(model, CONFIG, backend="fast")
     modules = hooks.attention_modules(model)
     modules[0].calibration = object()
     try:
