@@ -40,11 +40,6 @@ def test_unknown_name_lists_the_known_ones():
         assert name in str(err.value)
 
 
-def test_bad_source_is_refused():
-    with pytest.raises(ValueError, match="source"):
-        load_model(source="internet")
-
-
 def test_hub_id_without_network_points_to_the_offline_default(monkeypatch):
     import huggingface_hub.constants
 
@@ -71,7 +66,7 @@ def test_shipped_weights_follow_the_model_not_the_file(capsys):
     assert folder == compare.weights_dir("smollm2-135m") / "seed0"  # one folder, whichever name is asked for
     model, tok = load_model()
     assert models.default_model_source(model) == "gguf"
-    model.config._name_or_path = models.DEFAULT_HUB_ID  # as load_model(source="hub") names it
+    model.config._name_or_path = models.DEFAULT_HUB_ID  # as loading from the Hub names it
     assert models.default_model_source(model) == "hub"
     coefficients = pear.load_coefficients(folder / "pear.json", model)
     assert len(coefficients) == compare.PEAR_K

@@ -8,9 +8,9 @@ import torch
 
 from minimal import load_model
 from minimal.opamp import add_opamp, load_opamp, opamp_layers, opamp_parameters
+from minimal.__main__ import main
 from minimal.train import (
-    TrainConfig, cli_train_opamp, collate, encode_example, load_model_4bit, prepare_for_training, train,
-    training_examples, training_mix,
+    TrainConfig, collate, encode_example, load_model_4bit, prepare_for_training, train, training_examples, training_mix,
 )
 
 
@@ -106,11 +106,11 @@ def test_4bit_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA"):
         load_model_4bit("Qwen/Qwen2.5-0.5B-Instruct")
     with pytest.raises(SystemExit):  # argparse: --out is required
-        cli_train_opamp(["--model", "tiny-llama"])
+        main(["train-opamp", "--model", "tiny-llama"])
 
 
 def test_cli_writes_adapters_lora_and_metrics(tmp_path, capsys):
-    rc = cli_train_opamp(["--model", "tiny-llama", "--K", "5", "--steps", "2", "--batch-size", "2",
+    rc = main(["train-opamp", "--model", "tiny-llama", "--K", "5", "--steps", "2", "--batch-size", "2",
                           "--lora-r", "4", "--adapter-dim", "8", "--out", str(tmp_path)])
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
