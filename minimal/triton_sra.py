@@ -24,21 +24,14 @@ on a GPU (fp32 dots in IEEE precision, not TF32); fp32 and fp16 under Triton's C
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+import triton
+import triton.language as tl
 
-from .profiles import TRITON_MISSING, check_kernel_dtype
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:
-    raise ImportError(f"minimal.triton_sra {TRITON_MISSING}") from err
+from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["sra_rows", "interpreter_active"]
 
-LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
@@ -148,21 +141,6 @@ def _sra_out_kernel(
 
 
 # ------------------------------------------------------------------------------------- python side
-def interpreter_active() -> bool:
-    """True when the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
-    return type(_sra_out_kernel).__name__ == "InterpretedFunction"
-
-
-def _launch_settings(D, dtype):
-    """Block sizes and warps: plain, untuned choices (a teaching kernel)."""
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    if interpreter_active():  # small blocks: fast in numpy, and tiny tests still cross blocks
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D), {}
-    big = BLOCK_D > 64 or dtype == torch.float32  # pass 2 holds two (BLOCK_M, BLOCK_D) accumulators
-    blocks = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=BLOCK_D)
-    return blocks, dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
-
-
 def sra_rows(q, k, v, theta, lo, hi, key_real, scale, gain):
     """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R) bool)``.
 
@@ -170,29 +148,22 @@ def sra_rows(q, k, v, theta, lo, hi, key_real, scale, gain):
     Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
     """
     B, H, R, D = q.shape
-    if not 16 <= D <= 128:
-        raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
-    check_kernel_dtype(q.dtype, interpreter_active())
-    if not interpreter_active() and not q.is_cuda:
-        raise ValueError("the Triton kernel needs CUDA tensors; to run it on CPU, set TRITON_INTERPRET=1 before "
-                         "importing minimal.triton_sra (or use backend=\"blocked\")")
+    check_kernel_inputs(q, "minimal.triton_sra", 'backend="blocked"')
     Hkv, S = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pad = key_real.to(torch.int8).contiguous()  # (B, S)
     theta = theta.to(torch.float32).contiguous()  # (B, R)
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-    blocks, launch = _launch_settings(D, q.dtype)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    blocks, launch = launch_settings(D, q.dtype)
+    dot_precision = precision(q.dtype)
 
     lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     valid = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     grid = (triton.cdiv(R, blocks["BLOCK_M"]), B * H)
     sizes = (H, H // Hkv, R, S, D)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # q's GPU, not the current one
-        _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, PRECISION=precision, **blocks, **launch)
+    with on_device(q):
+        _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, PRECISION=dot_precision, **blocks, **launch)
         _sra_out_kernel[grid](q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes,
-                              PRECISION=precision, **blocks, **launch)
+                              PRECISION=dot_precision, **blocks, **launch)
     return out, valid.bool()
