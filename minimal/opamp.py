@@ -297,15 +297,9 @@ def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
         if saved[key] != value:
             raise ValueError(f"the model carries OpAmp with {key}={value!r}, the saved adapters have "
                              f"{key}={saved[key]!r}: call remove_opamp(model) first")
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    expected = {f"layers.{i}.{name}": t for i, cal in layers.items() for name, t in cal.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"saved adapters do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    for name, target in expected.items():
-        if tensors[name].shape != target.shape:
-            raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)}, model expects {tuple(target.shape)}")
-    with torch.no_grad():
-        for name, target in expected.items():
-            target.copy_(tensors[name])
+    adapters = nn.ModuleDict({str(i): cal for i, cal in layers.items()})
+    try:  # strict: every tensor present, none unexpected, every shape right
+        adapters.load_state_dict({k.removeprefix("layers."): t for k, t in load_file(str(directory / WEIGHTS_FILE)).items()})
+    except RuntimeError as err:
+        raise ValueError(f"saved adapters in {directory} do not match the model: {err}") from None
     return layers

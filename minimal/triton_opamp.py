@@ -31,14 +31,9 @@ Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
 Dk needs each map's own output Ok, not the combined O: rowsum(dO * O) only gives
 c1 D1 + c2 D2. That is why the forward stores O1 and O2 when a gradient will be needed.
 
-Conventions (as in the reference): q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D); query head
-h reads KV head h // (H // Hkv); causal is aligned bottom-right (query i sees keys
-j <= i + S - T); key_padding_mask is bool (B, S), True = keep; a row that sees no key
-outputs 0. Supported: head dims 16..128 (any size: D is padded to a power of two inside the
-kernel with masked loads), any T and S. fp16, bf16 and fp32 on a GPU (fp32 dots in IEEE
-precision, not TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1,
-set before this module is imported), where bf16 dots are wrong, so bf16 raises there.
-Accumulation is always fp32. Block sizes are plain, untuned choices; no autotuning.
+Conventions as in the reference (GQA, bottom-right causal, key padding, rows without keys
+output 0); head dims 16..128, any T and S; fp16, bf16, fp32, fp32 accumulation
+(``minimal.triton_common``). Block sizes are plain, untuned choices.
 """
 
 from __future__ import annotations

@@ -188,6 +188,14 @@ def test_save_load_roundtrip_and_mismatches(tmp_path):
         load_opamp(wider, tmp_path / "a")
     with pytest.raises(ValueError, match="opamp_config.json"):
         load_opamp(fresh, tmp_path / "missing")
+    from safetensors.torch import load_file, save_file  # a truncated tensor is refused, not kept half-random
+
+    tensors = load_file(str(tmp_path / "a" / "adapters.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:1]
+    save_file(tensors, str(tmp_path / "a" / "adapters.safetensors"))
+    with pytest.raises(ValueError, match="size mismatch"):
+        load_opamp(load_model("tiny-llama")[0], tmp_path / "a")
 
 
 def test_bad_input_is_a_clear_error():
