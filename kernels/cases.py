@@ -52,6 +52,21 @@ def rel_error(got, want) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
+def sharp_tiny(factor: float, **config):
+    """A tiny random Llama (``minimal.models.tiny_model``) with its query and key projections
+    scaled by ``factor``: random weights give near-uniform maps, sharper ones have the large and
+    small probabilities that SRA, elimination and the OpAmp kernel's rounding need."""
+    from minimal import hooks
+    from minimal.models import tiny_model
+
+    model = tiny_model("tiny-llama", **config)
+    with torch.no_grad():
+        for m in hooks.attention_modules(model):
+            m.q_proj.weight.mul_(factor)
+            m.k_proj.weight.mul_(factor)
+    return model
+
+
 def _randn(generator, *shape, scale=1.0):
     return torch.randn(*shape, generator=generator) * scale
 

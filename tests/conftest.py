@@ -41,18 +41,8 @@ def kernel_dtype(request):
 
 @pytest.fixture(scope="session")
 def sharp_tiny():
-    """``sharp_tiny(factor, **config)`` -> (model, tokenizer): a tiny random Llama whose query and
-    key projections are scaled by ``factor``. Random weights give near-uniform attention maps;
-    sharper maps have large and small probabilities, which the SRA and elimination tests need."""
-    from minimal import hooks, load_model
-    from minimal.models import tiny_model
+    """``sharp_tiny(factor, **config)`` -> (model, tokenizer): ``cases.sharp_tiny``, a tiny random
+    Llama with sharp attention maps (query and key projections scaled by ``factor``)."""
+    from minimal import load_model
 
-    def make(factor: float, **config):
-        model = tiny_model("tiny-llama", **config)
-        with torch.no_grad():
-            for m in hooks.attention_modules(model):
-                m.q_proj.weight.mul_(factor)
-                m.k_proj.weight.mul_(factor)
-        return model, load_model("tiny-llama")[1]
-
-    return make
+    return lambda factor, **config: (cases.sharp_tiny(factor, **config), load_model("tiny-llama")[1])

@@ -50,9 +50,10 @@ def test_bf16_raises_under_interpreter(check):
 
 @pytest.mark.parametrize("change, match", [
     (lambda q, k, v: (q[..., :24], k[..., :24], v[..., :24]), "head dim"),
-    (lambda q, k, v: (q, k, v[:, :, :-1]), "k and v"),
-    (lambda q, k, v: (q[:, :1], k, v), "agree"),
-    (lambda q, k, v: (q[0], k, v), "rank-4"),
+    (lambda q, k, v: (q, k, v[:, :, :-1]), "shape of k"),
+    (lambda q, k, v: (q[:, :1], k, v), "multiple"),
+    (lambda q, k, v: (torch.cat([q, q], 1), k, v), "as many key as query heads"),  # no GQA in this kernel
+    (lambda q, k, v: (q[0], k, v), "rank 4"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), "dtype"),
     (lambda q, k, v: (q, k.half(), v), "dtype"),
 ])

@@ -93,7 +93,7 @@ def test_reference_checks_are_reused(check):
 
 
 def test_cpu_tensors_without_interpreter_raise(check, monkeypatch):
-    monkeypatch.setattr(check.triton_opamp, "interpreter_active", lambda: False)
+    monkeypatch.setattr("minimal.triton_common.interpreter_active", lambda: False)  # the kernels' shared switch
     inputs, _ = cases.opamp_inputs(cases.OPAMP[0], F32, device="cpu")
     with pytest.raises(ValueError, match="CUDA"):
         check.triton_opamp.opamp_attention(*inputs)
