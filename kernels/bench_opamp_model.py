@@ -24,7 +24,7 @@ import time
 import torch
 
 from minimal import hooks, load_model
-from minimal.opamp import add_opamp, opamp_layers
+from minimal.opamp import OpAmpCalibration, add_opamp, opamp_layers
 
 
 def prefill_seconds(model, ids):
@@ -73,14 +73,11 @@ def main(argv=None) -> int:
         for cal in layers.values():
             for a in (cal.q1, cal.q2, cal.k1, cal.k2):
                 a.w_up.weight.normal_(0, 0.02)
-    by_layer = {m.layer_idx: m for m in modules}
 
-    def attach(on: bool):
-        for i, cal in layers.items():
-            if on:
-                by_layer[i].calibration = cal
-            elif hasattr(by_layer[i], "calibration"):
-                del by_layer[i].calibration
+    def attach(on: bool):  # the same adapters on and off: minimal.hooks' one recipe
+        hooks.detach(model, OpAmpCalibration)
+        if on:
+            hooks.attach(model, layers)
 
     ids = torch.randint(100, model.config.vocab_size - 100, (1, args.tokens), device=device)
     times = {(name, what): [] for name in ("base", "opamp") for what in ("prefill", "decode")}

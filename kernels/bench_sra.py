@@ -10,7 +10,7 @@ fp32, layer 14 of 30, SRAConfig defaults b=100, t=200), three ways:
 
     sdpa     the base model's attention: torch scaled_dot_product_attention, causal (flash on CPU)
     eager    minimal.sra.sra_attention_eager: softmax map (T x T) in memory, reattend, matmul (the spec)
-    linear   minimal.sra.sra_attention: plain flash attention for the rows SRA leaves alone,
+    linear   minimal.sra.sra_attention(backend="blocked"): plain flash attention for the rows SRA leaves alone,
              two passes over key blocks for the rows it touches; never a T x T tensor
 
 and the whole model's prefill (``model(ids, logits_to_keep=1)``, the first 2048 tokens of
@@ -98,7 +98,7 @@ def run_case(case: str, T: int, repeats: int, threads: int) -> dict:
         fns = {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             "eager": lambda: sra.sra_attention_eager(q, k, v, LAYER, LAYERS, sra.SRAConfig()),
-            "linear": lambda: sra.sra_attention(q, k, v, LAYER, LAYERS, sra.SRAConfig()),
+            "linear": lambda: sra.sra_attention(q, k, v, LAYER, LAYERS, sra.SRAConfig(), backend="blocked"),
         }
         call = fns[case]
 
