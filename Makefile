@@ -34,11 +34,14 @@ test-package: $(STAMP)
 test-notebooks: $(STAMP)
 	MINIMAL_PROFILE=smoke $(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env
 
+## the kernel harness: every Triton kernel against its PyTorch spec, one row per case, exit 1 on a FAIL
+## (CPU: Triton's interpreter, the small grid, ~15 s; CUDA: the full grid)
 check-kernels: $(STAMP)
 	$(BIN)/python kernels/check.py
 
-## on a CUDA machine: every Triton kernel compiled, checked, timed (< 8 min); writes kernels/results/gpu_<device>.txt
-## (CPU: python kernels/gpu_check.py --dry-run; without .venv: python kernels/gpu_check.py)
+## on a CUDA machine: every Triton kernel compiled, checked (check.py's full grid), timed, in a model and in
+## training (< 8 min); writes kernels/results/gpu_<device>.txt; without .venv: python kernels/gpu_check.py
+## (CPU: python kernels/gpu_check.py --dry-run)
 gpu-check: $(STAMP)
 	$(BIN)/python kernels/gpu_check.py
 

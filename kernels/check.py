@@ -1,6 +1,6 @@
 """The kernel harness: every Triton kernel against its PyTorch spec, one row per case.
 
-    python kernels/check.py                # CPU: Triton's interpreter, the small grid (~1 min)
+    python kernels/check.py                # CPU: Triton's interpreter, the small grid (~15 s)
     python kernels/check.py                # CUDA: compiled, the full grid (the small one with --small)
     python kernels/check.py --only sra     # one kernel: opamp, sra or flash
 
