@@ -177,13 +177,14 @@ def _measure(fn, B, H, Hkv, T, D, dtype, do_bench):
 
 
 def _peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """minimal.cost's peak memory of ``fn()`` (it measures under no_grad: the backward needs grad)."""
+    from minimal.cost import peak_memory_mb
+
+    def with_grad():
+        with torch.enable_grad():
+            fn()
+
+    return peak_memory_mb(with_grad, "cuda")
 
 
 def _f(x, digits=3):
