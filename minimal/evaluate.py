@@ -187,6 +187,18 @@ def select_per_cell(examples: list[dict], n: int, by=("noise_ratio", "gold_posit
     return chosen
 
 
+def paired(base_records: list[dict], other_records: list[dict], metric: str = "lenient") -> dict:
+    """Question by question against base (same questions, same order): how many a method fixes and
+    breaks, and ``p_value``, the exact two-sided sign test (McNemar) on those discordant questions."""
+    if [r["id"] for r in base_records] != [r["id"] for r in other_records]:
+        raise ValueError("paired() needs the same questions in the same order for both methods")
+    fixed = sum(bool(o[metric]) and not b[metric] for b, o in zip(base_records, other_records))
+    broken = sum(bool(b[metric]) and not o[metric] for b, o in zip(base_records, other_records))
+    n, k = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+
+
 def save_json(obj, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

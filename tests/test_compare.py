@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from minimal import compare, data, load_model, pear
+from minimal import compare, data, evaluate, load_model, pear
 
 TINY = "tiny-llama"
 
@@ -117,12 +117,12 @@ def test_paired_counts_and_sign_test():
     rec = lambda i, ok: {"id": i, "lenient": ok}
     base = [rec(i, ok) for i, ok in enumerate([1] * 14 + [0] * 2 + [1] * 3 + [0] * 5)]
     other = [rec(i, ok) for i, ok in enumerate([0] * 14 + [1] * 2 + [1] * 3 + [0] * 5)]
-    p = compare.paired(base, other)
+    p = evaluate.paired(base, other)
     assert (p["fixed"], p["broken"]) == (2, 14)
     assert abs(p["p_value"] - 2 * (1 + 16 + 120) / 2**16) < 1e-12  # exact binomial, n = 16 discordant
-    assert compare.paired(base, base) == {"fixed": 0, "broken": 0, "p_value": 1.0}
+    assert evaluate.paired(base, base) == {"fixed": 0, "broken": 0, "p_value": 1.0}
     with pytest.raises(ValueError, match="same questions"):
-        compare.paired(base, other[::-1])
+        evaluate.paired(base, other[::-1])
 
 
 def test_command_line_mistakes_get_a_message_not_a_traceback():
