@@ -6,7 +6,8 @@
 
     kernel  the Triton code                                  its spec, in float64 on the same rounded inputs
     opamp   minimal.triton_opamp.opamp_attention, fwd + bwd  minimal.attention.opamp_attention
-    sra     minimal.sra.sra_attention(backend="triton")      minimal.sra.sra_attention_eager
+    sra     minimal.triton_sra.sra_rows, through             minimal.sra.sra_attention_eager
+            minimal.sra.sra_attention(backend="triton")
     flash   minimal.triton_flash.flash_attention (fwd)       minimal.attention.softmax_attention
 
 Where a kernel and its spec differ, by design (so the errors are not 0):
@@ -21,7 +22,7 @@ Where a kernel and its spec differ, by design (so the errors are not 0):
                                                fp32/fp16 under TRITON_INTERPRET=1 (bf16 raises there)
 
 A row's error is max|kernel - spec| / max|spec| (for OpAmp the worst of out, dq1, dk1, dq2, dk2,
-dv, named in the row), its tolerance is that of its dtype (kernels/cases.py: TOL for the small
+dv, named in the row, with its max abs error), its tolerance is that of its dtype (kernels/cases.py: TOL for the small
 grid, TOL_FULL for the GPU grid). A case that raises is a FAIL row with the error. Exit status
 1 on any FAIL. The cases and their inputs live in kernels/cases.py; tests/test_triton_*.py run
 the small grid through the functions below.
@@ -40,7 +41,7 @@ import torch
 
 if not torch.cuda.is_available():  # the interpreter is chosen when a kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import minimal` from a checkout
 
 import cases  # noqa: E402
 from minimal import attention, triton_flash, triton_opamp  # noqa: E402

@@ -66,7 +66,7 @@ def make_plan(dry_run: bool, no_tokenizer: bool):
     bench = ["--min-T", "1024", "--max-T", "16384", "--no-eager", "--dtype",
              "bfloat16" if dtype == torch.bfloat16 else "float16"]
     plan = SimpleNamespace(dry_run=dry_run, device=device, dtype=dtype, tokenizer=tokenizer, bench=bench,
-                           timeouts=dict(pytest=150, check=120, bench=60 if dry_run else 120))
+                           timeouts=dict(pytest=150, check=180, bench=60 if dry_run else 120))
     if dry_run:
         plan.pytest, plan.check = pytest + ["-x", "-k", DRY_RUN_TESTS, *TRITON_TESTS], ["--small"]
         plan.sra = [dict(B=2, H=2, Hkv=1, T=T, D=16, L=4, layer=1) for T in (64, 128)]
