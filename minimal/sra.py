@@ -1,9 +1,8 @@
-"""Scaled ReAttention (SRA): drop the tiny attention probabilities, hand their mass, amplified,
-to a window of context tokens. At inference, during prefill, with no training.
-
-Paper: Gao et al., "Pay Attention to What You Need", arXiv 2307.13365 (v3). We follow the
-authors' public code, which works on the softmax probabilities ``A[b, h, i, j]`` of every layer
-but the last, in two passes (``l`` the layer, ``L`` the layers, ``n`` the real tokens)::
+"""Scaled ReAttention (SRA): drop the tiny attention probabilities, hand their mass, amplified, to a
+window of context tokens. At prefill, with no training. Paper: Gao et al., "Pay Attention to What You
+Need", arXiv 2307.13365 (v3). We follow the authors' public code, which works on the softmax
+probabilities ``A[b, h, i, j]`` of every layer but the last, in two passes (``l`` the layer, ``L`` the
+layers, ``n`` the real tokens)::
 
     inner pass (layers 0 .. L-2), skipped when n <= b + t + 3
         c = ceil((n - b - t - 3) / (L + 3))
@@ -22,12 +21,11 @@ but the last, in two passes (``l`` the layer, ``L`` the layers, ``n`` the real t
         m_j = 100 if A[i, j] >= theta else 5,  for j in W
         A[i, j] += r * g * m_j / sum(m),  for j in W                       (hand it to W, times g)
 
-Rows are NOT renormalised: a valid row sums to ``1 + (g - 1) r`` (the "scaled" part). The inner
-rows end at ``n - t`` where the outer rows start: the passes never touch the same row.
-
-Differences from the authors' code, on purpose: theirs is batch 1, eager and in place, and its outer
-pass reads batch item 0 for every item; here each sequence of a left-padded batch gets its windows
-from its own length. Linear-memory forms: ``minimal.sra_linear``. In a model: ``with sra(model):``.
+Rows are NOT renormalised: a valid row sums to ``1 + (g - 1) r`` (the "scaled" part). The inner rows
+end at ``n - t`` where the outer rows start: the passes never touch the same row. Unlike the authors'
+code (batch 1, eager, in place, its outer pass reading item 0 for every item), each sequence of a
+left-padded batch gets windows from its own length. Linear memory: ``minimal.sra_linear``; in a model:
+``with sra(model):``.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ import torch
 
 from . import hooks, sra_linear
 from .attention import check_opamp_inputs, grouped_apply, softmax_probs
+from .data import build_prompt
 from .profiles import triton_available
 
 BACKENDS = ("eager", "blocked", "triton")
@@ -80,8 +79,6 @@ def _config(config) -> SRAConfig:
     return config or SRAConfig()
 
 
-# ----------------------------------- where each pass acts: per sequence, per row of a padded batch
-
 class Pass(NamedTuple):
     """One pass on one sequence. Positions are counted within the n real tokens."""
 
@@ -98,10 +95,8 @@ def inner_pass(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> Pa
         return None
     c = -(-(n - b - t - 3) // (L + 3))  # ceil: the rows between b and n - t, spread over layers
     s = (layer_idx + 3) * c + b + 3
-    w = min(s + c, n - t) - s
-    if w <= 0:  # this layer's chunk starts past n - t
-        return None
-    return Pass("inner", (s, s + w), (s - 3 * w, s - 2 * w), config.f_inner / (s - b))
+    w = min(s + c, n - t) - s  # w <= 0: this layer's chunk starts past n - t
+    return Pass("inner", (s, s + w), (s - 3 * w, s - 2 * w), config.f_inner / (s - b)) if w > 0 else None
 
 
 def outer_pass(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> Pass | None:
@@ -111,10 +106,8 @@ def outer_pass(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> Pa
         return None
     c = -(-(n - t - 3) // (L + 3))  # ceil: the context before the tail, spread over layers
     start = (layer_idx + 2) * c + 3
-    end = min(start + c, n - t)
-    if start >= end:  # the window lies past the context
-        return None
-    return Pass("outer", (n - t, n), (start, end), config.f_outer / (n - t))
+    end = min(start + c, n - t)  # start >= end: the window lies past the context
+    return Pass("outer", (n - t, n), (start, end), config.f_outer / (n - t)) if start < end else None
 
 
 def passes(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> list[Pass]:
@@ -123,55 +116,33 @@ def passes(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> list[P
     return [p for p in found if p is not None]
 
 
-class RowPlan(NamedTuple):
-    """Per (batch item, query position) of a left-padded batch: theta (B, T) float64, and the
-    window [lo, hi) (B, T) in padded positions. Untouched rows: lo = hi = 0 (never valid), theta 0."""
-
-    theta: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-
-
-def row_plan(layer_idx, num_layers, config, lengths, T, device=None) -> RowPlan:
-    """The ``RowPlan`` of one layer; sequence b holds its ``lengths[b]`` tokens at ``T - n_b .. T - 1``,
-    its passes come from n_b alone (not item 0's length, the authors' batch bug), shifted by its padding."""
+def row_plan(layer_idx, num_layers, config, lengths, T, device=None):
+    """One layer's plan per (batch item, query position), ``(theta, lo, hi)``, each (B, T): the threshold
+    (float64) and the window [lo, hi) in padded positions; untouched rows have lo = hi = 0 and theta 0.
+    Sequence b holds its ``lengths[b]`` tokens at ``T - n_b .. T - 1``; its passes come from n_b alone
+    (not item 0's length, the authors' batch bug), shifted by its padding."""
     theta = torch.zeros(len(lengths), T, dtype=torch.float64)
     lo, hi = (torch.zeros(len(lengths), T, dtype=torch.long) for _ in range(2))
     for b, n in enumerate(lengths):
         for p in passes(n, layer_idx, num_layers, config):
             rows = slice(T - n + p.rows[0], T - n + p.rows[1])
             theta[b, rows], lo[b, rows], hi[b, rows] = p.theta, T - n + p.window[0], T - n + p.window[1]
-    return RowPlan(theta.to(device), lo.to(device), hi.to(device))
+    return theta.to(device), lo.to(device), hi.to(device)
 
-
-def _lengths(lengths, B: int, T: int) -> list[int]:
-    """Real-token counts as a list of ints, checked; None means no padding (n = T)."""
-    lengths = [T] * B if lengths is None else lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
-    if len(lengths) != B:
-        raise ValueError(f"lengths must hold one count per batch item ({B}), got {len(lengths)}")
-    for n in lengths:
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= T:
-            raise ValueError(f"lengths must be integers in [0, T={T}] (real tokens, left padding), got {n!r}")
-    return lengths
-
-
-# -------------------------------------------------------- the rule, the eager spec, the dispatcher
 
 def reattend(A, layer_idx, num_layers, config=None, lengths=None, rows=None):
     """SRA on causal prefill probabilities: ``A (B, H, R, T) -> A' (B, H, R, T)``, a new tensor.
 
-    lengths: real tokens per sequence, left padding (default none); rows: the query positions of
-    A's R rows (default all T). Exactly the passes above: rows no pass touches, and rows with no
-    ``A[i, j] > theta`` in W, come back unchanged; valid rows sum to ``1 + (g - 1) r``. (The authors'
-    inner pass zeroes keys ``< e`` only: the same thing here, as a causal row ``i < e`` is 0 beyond.)
-    """
+    lengths: real tokens per sequence, left padding (default none); rows: the query positions of A's R
+    rows (default all T). Valid rows sum to ``1 + (g - 1) r``, the others come back unchanged. (The
+    authors' inner pass zeroes keys ``< e`` only: the same, as a causal row ``i < e`` is 0 beyond.)"""
     B, H, R, T = A.shape
     config = config or SRAConfig()
-    plan = row_plan(layer_idx, num_layers, config, [T] * B if lengths is None else lengths, T, A.device)
+    theta, lo, hi = row_plan(layer_idx, num_layers, config, [T] * B if lengths is None else lengths, T, A.device)
     rows = torch.arange(T, device=A.device) if rows is None else rows
-    theta = plan.theta[:, rows][:, None, :, None].to(A.dtype)  # (B, 1, R, 1)
+    theta = theta[:, rows][:, None, :, None].to(A.dtype)  # (B, 1, R, 1)
     j = torch.arange(T, device=A.device)  # key positions
-    in_w = ((j >= plan.lo[:, rows, None]) & (j < plan.hi[:, rows, None]))[:, None]  # (B, 1, R, T): W
+    in_w = ((j >= lo[:, rows, None]) & (j < hi[:, rows, None]))[:, None]  # (B, 1, R, T): W
     valid = ((A > theta) & in_w).any(-1, keepdim=True)  # (B, H, R, 1): some A > theta in W
     kept = A.masked_fill(A < theta, 0.0)  # drop the small probabilities
     removed = 1 - kept.sum(-1, keepdim=True)  # r, (B, H, R, 1)
@@ -189,7 +160,6 @@ def sra_attention_eager(q, k, v, layer_idx, num_layers, config=None, lengths=Non
 
 def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, scale=None, backend="blocked"):
     """SRA attention for one layer's prefill, ``reattend(softmax(Q K^T s)) V``: (B, H, T, D) in q's dtype.
-
     q (B, H, T, D); k, v (B, Hkv, T, D), Hkv dividing H; lengths: real tokens per item (left padding);
     scale default 1/sqrt(D). backend, the same output up to rounding: "eager" (the spec, (T, T) memory),
     "blocked" (linear memory, PyTorch), "triton" (the kernel: CUDA, or CPU under TRITON_INTERPRET=1)."""
@@ -198,28 +168,23 @@ def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, sca
         raise ValueError(f"SRA is defined on the prefill (T == S, causal); got T={T} queries and S={S} keys")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-    scale = D**-0.5 if scale is None else float(scale)
-    return _attention(q, k, v, layer_idx, num_layers, _config(config), _lengths(lengths, B, T), scale, backend)
-
-
-def _attention(q, k, v, layer_idx, num_layers, config, lengths, scale, backend):
+    lengths = [T] * B if lengths is None else lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
+    if len(lengths) != B or not all(type(n) is int and 0 <= n <= T for n in lengths):
+        raise ValueError(f"lengths must be {B} integers in [0, T={T}] (real tokens, left padding), got {lengths}")
+    config, scale = _config(config), D**-0.5 if scale is None else float(scale)
     if backend == "eager":
         return sra_attention_eager(q, k, v, layer_idx, num_layers, config, lengths, scale)
     rows_fn = sra_linear.blocked_rows
     if backend == "triton":
         from .triton_sra import sra_rows as rows_fn  # imported here: Triton is optional
-    plan = row_plan(layer_idx, num_layers, config, lengths, q.shape[2], q.device)
+    plan = row_plan(layer_idx, num_layers, config, lengths, T, q.device)
     return sra_linear.sra_output(q, k, v, *plan, lengths, scale, float(config.gain), rows_fn)
 
 
-# -------------------------------------------------------------------------------------- in a model
-
 class SRA:
-    """The calibration ``apply_sra`` attaches to every attention layer (``minimal.hooks``).
-
-    Prefill only: decoding and calls with a cache run plain attention, so ``generate()`` re-weights
-    the prompt and decodes as usual. Batches must be left-padded: each sequence's length is read from
-    the mask. backend: as in ``sra_attention``; None picks "triton" on CUDA tensors, else "blocked"."""
+    """The calibration ``apply_sra`` attaches to every attention layer (``minimal.hooks``). Prefill only
+    (decoding and calls with a cache run plain attention); batches left-padded (lengths from the mask).
+    backend: as in ``sra_attention``; None picks "triton" on CUDA tensors, else "blocked"."""
 
     slot = "calibration"
 
@@ -227,8 +192,6 @@ class SRA:
         self.config = _config(config)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)} (or None for automatic)")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         self.num_layers, self.backend, self._warned = num_layers, backend, set()
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -240,9 +203,8 @@ class SRA:
         """Real tokens per sequence from the mask (B, 1, T, T); checks left padding and causality."""
         if attention_mask is None:
             if B > 1 and not hooks.mask_given(module):
-                self._warn_once("no-mask", f"SRA: batched input (B={B}) without attention_mask: SRA cannot see "
-                                f"padding and assumes none (n = T = {T} real tokens for every sequence). Pass "
-                                "attention_mask for left-padded batches.")
+                self._warn_once("no-mask", f"SRA: batched input (B={B}) without attention_mask: SRA assumes no "
+                                f"padding (n = T = {T} for every sequence); pass it for left-padded batches.")
             return [T] * B
         mask = hooks.boolean_mask(attention_mask, T, T, attention_mask.device).expand(B, 1, T, T)
         if T > 1 and mask[:, 0, -2, -1].any():
@@ -259,23 +221,20 @@ class SRA:
         B, H, T, D = query.shape
         if T == 1 or T != key.shape[2]:  # decoding, or a prefill continuing a cache
             if T != 1:
-                self._warn_once("cache", "SRA: a multi-token call with a cache (T != S) is not a prefill; "
-                                "ran plain attention")
+                self._warn_once("cache", "SRA: a multi-token call with a cache (T != S): ran plain attention")
             return None
         L, layer, (inner_min, outer_min) = self.num_layers, module.layer_idx, self.config.min_tokens
         lengths = self.lengths(module, attention_mask, B, T)
-        if any(n < inner_min for n in lengths) and layer <= L - 2:
-            self._warn_once("short-inner", f"SRA: a sequence of {min(lengths)} real tokens is too short for the "
-                            f"inner pass (needs n > begin + tail + 3 = {inner_min - 1}); it is skipped for such "
-                            "sequences. For short prompts choose begin and tail from the prompt's structure.")
-        if any(n < outer_min for n in lengths) and 1 <= layer <= L - 2 and self.config.tail > 0:
-            self._warn_once("short-outer", f"SRA: a sequence of {min(lengths)} real tokens is too short for the "
-                            f"outer pass (needs n > tail + 3 = {outer_min - 1}); it is skipped for such sequences.")
+        for name, need, rule, acts in (("inner", inner_min, "begin + tail + 3", layer <= L - 2),
+                                       ("outer", outer_min, "tail + 3", 1 <= layer <= L - 2 and self.config.tail)):
+            if acts and min(lengths) < need:
+                self._warn_once(name, f"SRA: a sequence of {min(lengths)} real tokens is too short for the {name} "
+                                f"pass (needs n > {rule} = {need - 1}); it is skipped for such sequences. For "
+                                "short prompts choose begin and tail from the prompt's structure.")
         if not any(passes(n, layer, L, self.config) for n in lengths):
             return None
         backend = self.backend or ("triton" if query.is_cuda and triton_available() else "blocked")
-        scale = D**-0.5 if scaling is None else float(scaling)
-        return _attention(query, key, value, layer, L, self.config, lengths, scale, backend)
+        return sra_attention(query, key, value, layer, L, self.config, lengths, scaling, backend)
 
     def probs(self, module, query, key, attention_mask, scaling, rows):
         """The map SRA really uses for the query ``rows`` (default all): (B, H, R, S)."""
@@ -310,11 +269,8 @@ def apply_sra(model, config: SRAConfig | None = None, backend: str | None = None
 
 
 def config_for_prompts(tokenizer, examples, **factors) -> SRAConfig:
-    """b = the fewest tokens before the first document (system prompt + instruction), t = the most
-    from the question's start to the end, over the prompts ``data.build_prompt`` makes of ``examples``;
-    ``factors``: f_inner, f_outer, gain."""
-    from .data import build_prompt
-
+    """b = the fewest tokens before the first document (system prompt + instruction), t = the most from
+    the question's start to the end, over ``data.build_prompt`` of ``examples``; factors: f_inner, f_outer, gain."""
     if not examples:
         raise ValueError("examples is empty: need prompts to read b and t from")
     prompts = [build_prompt(tokenizer, ex) for ex in examples]
