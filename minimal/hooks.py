@@ -1,32 +1,23 @@
 """One way to put a method on a model and take it off.
 
-transformers lets a project register its own attention function, which every attention
-module then calls with the projected, RoPE-rotated queries and keys. We register one,
-``"minimal"``; each layer's ``self_attn`` dispatches on two attributes:
-
-- ``calibration``: a method that changes attention (OpAmp, SRA, ``Eliminate``); absent, the layer
-  runs transformers' own SDPA attention, bit for bit the stock model;
-- ``capture``: something that reads the map the layer used and changes nothing.
-
-A method is an object with ``slot = "calibration"`` or ``"capture"`` and::
+We register an attention function, ``"minimal"``, with transformers; every layer's ``self_attn``
+calls it with the RoPE-rotated queries and keys, and it dispatches on two attributes of the layer:
+``calibration`` changes attention (OpAmp, SRA, ``Eliminate``; absent: transformers' SDPA, the stock
+model bit for bit), ``capture`` reads the map the layer used. A method has ``slot = "calibration"``
+or ``"capture"`` and::
 
     method(module, query, key, value, attention_mask, scaling) -> (B, H, T, D), or None for plain SDPA
     method.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional: its map
     capture.record(module, query, key, attention_mask, scaling)
         query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask bool (B, 1, T, S) or None
 
-``handle = attach(model, method, layers=None)`` puts it on (``{layer: method}`` for one object
-per layer); ``handle.remove()`` or ``with attach(...) as method:`` takes it off. An ``nn.Module``
-method becomes a submodule of its layer (``state_dict``, ``.to()``, PEFT see it).
-``minimal/eliminate.py`` is the smallest complete method: the one to copy.
-
-The mask is transformers' SDPA mask (registered under our name): ``None`` when SDPA's
-``is_causal`` suffices (top-left aligned), else boolean, True = attend (:func:`boolean_mask`).
-transformers drops it when nothing is padded, so a pre-hook notes whether the caller passed one
-(:func:`mask_given`).
+``attach(model, method)`` puts it on and returns a handle (``remove()`` it, or use ``with``); an
+``nn.Module`` method becomes a submodule of its layer. ``minimal/eliminate.py`` is the template method.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
@@ -50,8 +41,7 @@ def minimal_attention(module, query, key, value, attention_mask, scaling=None, d
                                         scaling=scaling, **kwargs)  # (B, T, H, D)
     else:
         out = out.transpose(1, 2).contiguous()  # (B, H, T, D) -> (B, T, H, D), what the layer expects
-    capture = getattr(module, "capture", None)
-    if capture is not None:
+    if (capture := getattr(module, "capture", None)) is not None:
         capture.record(module, query, key, attention_mask, scaling)
     return out, None
 
@@ -65,34 +55,22 @@ def attention_modules(model) -> list[torch.nn.Module]:
     found = [m for m in model.modules()
              if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"))]
     if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no attention module the minimal hook understands "
-            "(expected Llama-style self_attn with q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx; "
-            "supported families: llama, qwen2, mistral)"
-        )
+        raise ValueError(f"{type(model).__name__} has no attention module the minimal hook understands "
+                         "(expected Llama-style self_attn with q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx; "
+                         "supported families: llama, qwen2, mistral)")
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-class _CallState:
-    """Shared by a model's attention modules: did the current model call pass attention_mask?"""
-
-    mask_given: bool | None = None
-
-
 def install(model) -> list[torch.nn.Module]:
-    """Route the model's attention through :func:`minimal_attention` (idempotent); returns the modules.
-
-    With nothing attached the outputs equal the stock SDPA model's.
-    """
+    """Route the model's attention through :func:`minimal_attention` (idempotent); returns the modules."""
     modules = attention_modules(model)
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
     if not hasattr(model, "_minimal_call"):
-        state = _CallState()
+        state = SimpleNamespace(mask_given=None)  # shared by the layers: did this call pass a mask?
 
         def note_mask(_model, args, kwargs):
-            # generate() builds the mask from the pad token itself and drops it when nothing is
-            # padded; its calls carry a cache, so a missing mask there really means "no padding"
+            # generate() drops the mask when nothing is padded; its calls carry a cache: no mask = no padding
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             state.mask_given = mask is not None or kwargs.get("past_key_values") is not None
 
@@ -104,8 +82,7 @@ def install(model) -> list[torch.nn.Module]:
 
 def mask_given(module) -> bool | None:
     """Whether the model call now running passed an attention mask (None: not known)."""
-    state = getattr(module, "_minimal_call", None)
-    return None if state is None else state.mask_given
+    return getattr(getattr(module, "_minimal_call", None), "mask_given", None)
 
 
 def uninstall(model) -> None:
@@ -114,13 +91,9 @@ def uninstall(model) -> None:
         for name in (*SLOTS, "_minimal_call"):
             if name in vars(m) or name in m._modules:
                 delattr(m, name)
-    if hasattr(model, "_minimal_call"):
-        model._minimal_call[1].remove()
-        del model._minimal_call
+    if (call := vars(model).pop("_minimal_call", None)) is not None:
+        call[1].remove()  # the pre-hook
     model.set_attn_implementation("sdpa")
-
-
-# ----------------------------------------------------------------------------- attach / detach
 
 
 class Attached:
@@ -143,17 +116,12 @@ class Attached:
 
 def attach(model, method, layers=None) -> Attached:
     """Put ``method`` on the attention layers: all, the indices in ``layers``, or ``{layer: method}``.
-
-    Installs the hook if needed. Raises ValueError for a layer index the model does not have or
-    a layer whose slot is taken (remove the other method first).
-    """
+    Installs the hook; ValueError for a layer the model lacks or whose slot is taken."""
     modules = install(model)
-    per_layer = method if isinstance(method, dict) else None
-    chosen = check_layers(list(per_layer) if per_layer is not None else layers, len(modules))
-    placed = {modules[i]: per_layer[i] if per_layer is not None else method for i in chosen}
+    per_layer = method if isinstance(method, dict) else dict.fromkeys(check_layers(layers, len(modules)), method)
+    placed = {modules[i]: per_layer[i] for i in check_layers(list(per_layer), len(modules))}
     for m, meth in placed.items():
-        other = getattr(m, meth.slot, None)
-        if other is not None:
+        if (other := getattr(m, meth.slot, None)) is not None:
             raise ValueError(f"layer {m.layer_idx} already carries {type(other).__name__} as its {meth.slot}; "
                              "remove it first")
     for m, meth in placed.items():
@@ -185,30 +153,19 @@ def attached(model, kind) -> dict[int, object]:
             if isinstance(getattr(m, slot, None), kind)}
 
 
-# ----------------------------------------------------------------------------- masks and maps
-
-
 def boolean_mask(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """The mask as a boolean ``(B|1, 1, T, S)`` tensor, True where a query may attend.
-
-    ``None`` means what it means to SDPA in transformers: no mask for a single query
-    (decoding), else a causal mask aligned top-left (T == S in ordinary prefill).
-    A float mask (0 = attend, very negative = masked) is accepted too.
-    """
-    if attention_mask is None:
-        if q_len == 1:
-            return torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
-        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()[None, None]
+    """The HF mask as bool ``(B|1, 1, T, S)``, True = attend; ``None`` means what it means to transformers'
+    SDPA: all keys for one query (decoding), else causal aligned top-left. Float masks (0 = attend) too."""
+    if attention_mask is None:  # one query sees every key; else SDPA's is_causal (top-left)
+        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(0 if q_len > 1 else kv_len)[None, None]
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     return attention_mask[..., -q_len:, :kv_len]
 
 
 def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> torch.Tensor:
-    """The plain softmax map a layer computes from the hook's arguments, for query ``rows`` (default all).
-
-    query (B, H, T, D), key (B, Hkv, S, D), the HF mask -> (B, H, R, S) in fp32, memory O(R * S).
-    """
+    """The layer's plain softmax map for query ``rows`` (default all): query (B, H, T, D), key (B, Hkv, S, D),
+    the HF mask -> (B, H, R, S) fp32, memory O(R * S)."""
     T, S = query.shape[2], key.shape[2]
     rows = torch.arange(T, device=query.device) if rows is None else rows
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -216,18 +173,12 @@ def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> 
     return masked_softmax(grouped_scores(query[:, :, rows], key, scaling), allowed)
 
 
-# ----------------------------------------------------------------------------- capture
-
-
 class AttentionCapture:
-    """Records each layer's attention probabilities during one forward pass (the prefill).
+    """Records each layer's attention during its first call (the prefill, not decoding).
 
-    full=True keeps the whole map ``(B, H, T, S)`` per layer (short inputs only).
-    spans: per batch item, a list of ``(start, end)`` token spans (e.g. the documents); then
-    ``span_mass[layer]`` holds ``(B, H, n_spans)``, the mass the query ``rows`` (default the last
-    one, which predicts the next token) put on each span: O(rows * S) memory. Only the first
-    call per layer is recorded, so ``generate()`` may run inside without recording decoding.
-    """
+    full=True keeps ``maps[layer]`` (B, H, T, S). spans: per batch item a list of ``(start, end)``
+    token spans; ``span_mass[layer]`` (B, H, n_spans) is the mass the query ``rows`` (default the
+    last one) put on each span, in O(rows * S) memory."""
 
     slot = "capture"
 
@@ -260,11 +211,8 @@ class AttentionCapture:
 
 
 def span_mass(probs: torch.Tensor, spans) -> torch.Tensor:
-    """Attention mass on each span, averaged over query rows.
-
-    probs (B, H, R, S); spans: per batch item a list of (start, end) -> (B, H, n_spans),
-    NaN where an item has fewer spans than the longest list.
-    """
+    """Mass on each span, averaged over query rows: probs (B, H, R, S), spans per batch item a list
+    of (start, end) -> (B, H, n_spans), NaN where an item has fewer spans than the longest list."""
     B, H = probs.shape[:2]
     out = torch.full((B, H, max(len(s) for s in spans)), float("nan"), device=probs.device)
     for b, item_spans in enumerate(spans):
@@ -277,7 +225,6 @@ def capture_attention(model, *, spans=None, rows=None, full=False, layers=None, 
     """Record attention during the forward passes run inside the ``with`` block.
 
     >>> with capture_attention(model, spans=[doc_spans]) as cap:
-    ...     model(input_ids)
-    >>> cap.stacked_span_mass()   # (L, B, H, n_docs)
+    ...     model(input_ids)            # then cap.stacked_span_mass() is (L, B, H, n_docs)
     """
     return attach(model, AttentionCapture(spans, rows, full, max_full_tokens), layers)
