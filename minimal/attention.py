@@ -1,18 +1,17 @@
 """Pure-PyTorch attention references: the specs the Triton kernels must match.
 
-Eager and easy to trust: the OpAmp and softmax references materialise the ``(T, S)`` map.
-The kernels (``minimal/triton_*.py``) compute the same numbers without it and are tested
-against these functions. Shapes, in the Hugging Face layout (heads before time)::
+Eager and easy to trust: they materialise the ``(T, S)`` map; the kernels (``minimal/triton_*.py``)
+compute the same numbers without it. Shapes, in the Hugging Face layout (heads before time)::
 
     q, q1, q2   (B, H,   T, D)    B batch, H query heads, T queries, D head dim
     k, k1, k2   (B, Hkv, S, D)    Hkv key/value heads (grouped-query attention if Hkv < H)
     v           (B, Hkv, S, D)    out (B, H, T, D)
 
-Conventions shared with the kernels: ``scale`` defaults to ``1/sqrt(D)``; query head ``h``
-reads key/value head ``h // (H // Hkv)``; ``causal=True`` is aligned bottom-right (query ``i``
-of ``T`` sees keys ``j <= i + S - T``, so ``T == 1`` decoding sees every key);
-``key_padding_mask`` is bool ``(B, S)``, True for a real token. A query row that sees no key
-has probabilities and output 0, never NaN, and finite gradients (:func:`masked_softmax`).
+Conventions of the whole package (kernels included): ``scale`` defaults to ``1/sqrt(D)``; query
+head ``h`` reads key/value head ``h // (H // Hkv)``; ``causal=True`` is aligned bottom-right
+(query ``i`` sees keys ``j <= i + S - T``, so ``T == 1`` decoding sees every key);
+``key_padding_mask`` is bool ``(B, S)``, True for a real token; a query row that sees no key has
+probabilities and output 0 and finite gradients (:func:`masked_softmax`).
 
 OpAmp attention (arXiv 2502.12502, eq. 5-6) runs two softmax maps over the same values and
 combines them like an operational amplifier, differential gain ``K`` (the CMRR), common-mode
@@ -36,10 +35,8 @@ __all__ = ["check_opamp_inputs", "masked_softmax", "grouped_scores", "grouped_ap
 
 
 def check_opamp_inputs(q1, k1, q2, k2, v, K=10.0, key_padding_mask=None):
-    """Validate OpAmp inputs, return ``(B, H, Hkv, T, S, D)``; raise ``ValueError`` naming the problem.
-
-    Pass ``q2=q1, k2=k1`` for plain attention and ``v=None`` when only the maps are wanted.
-    """
+    """Validate OpAmp inputs (``q2=q1, k2=k1`` for plain attention, ``v=None`` for the maps only), return
+    ``(B, H, Hkv, T, S, D)``; raise ``ValueError`` naming the problem."""
     named = {"q1": q1, "k1": k1, "q2": q2, "k2": k2, **({} if v is None else {"v": v})}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
@@ -70,27 +67,17 @@ def check_opamp_inputs(q1, k1, q2, k2, v, K=10.0, key_padding_mask=None):
     return B, H, Hkv, T, S, D
 
 
-# ----------------------------------------------------------------------------------------
-# Building blocks, shared by the references, the hooks and the linear-memory forms
-
-
 def masked_softmax(scores, allowed):
-    """``softmax`` over the allowed keys: scores (..., S), allowed bool (broadcastable) -> (..., S).
-
-    Masked scores get a *finite* minimum, so a row with no allowed key is a harmless uniform
-    softmax that the final ``* allowed`` zeroes: all zeros, and finite gradients (``-inf`` would
-    give ``exp(-inf + inf) = NaN``). The one masked softmax of the package.
-    """
+    """The package's one masked softmax: scores (..., S), allowed bool (broadcastable) -> (..., S).
+    Masked scores get a *finite* minimum (``-inf`` would give NaN in an empty row), and ``* allowed``
+    zeroes an empty row's harmless uniform softmax: all zeros, finite gradients."""
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1) * allowed
 
 
 def grouped_scores(q, k, scale):
     """``q k^T * scale``: q (B, H, R, D), k (B, Hkv, S, D) -> (B, H, R, S), in fp32 (fp64 stays).
-
-    Grouped-query attention without repeating K: the ``G = H / Hkv`` query heads of one KV
-    head are stacked as ``G * R`` rows of one matmul.
-    """
+    GQA without repeating K: the ``G = H / Hkv`` query heads of a KV head are ``G * R`` rows of one matmul."""
     B, H, R, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -115,9 +102,7 @@ def allowed_keys(T, S, causal=True, key_padding_mask=None, device=None):
     """Bool mask of the keys each query may see: ``(B or 1, 1, T, S)``, True = allowed."""
     allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
     if causal:
-        i = torch.arange(T, device=device)[:, None]  # (T, 1) query index
-        j = torch.arange(S, device=device)[None, :]  # (1, S) key index
-        allowed = allowed & (j <= i + (S - T))  # bottom-right aligned
+        allowed = allowed.tril(S - T)  # bottom-right aligned: query i sees keys j <= i + S - T
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
     return allowed
@@ -137,14 +122,11 @@ def softmax_attention(q, k, v, causal=True, key_padding_mask=None, scale=None):
     return grouped_apply(softmax_probs(q, k, causal, key_padding_mask, scale), v).to(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------
-# OpAmp attention
-
-
 def opamp_maps(q1, k1, q2, k2, causal=True, key_padding_mask=None, scale=None):
     """The two maps ``(M+, M-)``, each (B, H, T, S) in fp32 (fp64 stays), for inspection and plots."""
     check_opamp_inputs(q1, k1, q2, k2, None, key_padding_mask=key_padding_mask)
-    return softmax_probs(q1, k1, causal, key_padding_mask, scale), softmax_probs(q2, k2, causal, key_padding_mask, scale)
+    return (softmax_probs(q1, k1, causal, key_padding_mask, scale),
+            softmax_probs(q2, k2, causal, key_padding_mask, scale))
 
 
 def opamp_combine(m_plus, m_minus, K=10.0):
@@ -153,14 +135,9 @@ def opamp_combine(m_plus, m_minus, K=10.0):
 
 
 def opamp_attention(q1, k1, q2, k2, v, K=10.0, causal=True, key_padding_mask=None, scale=None):
-    """OpAmp attention ``(K (M+ - M-) + (M+ + M-)/2) V`` -> (B, H, T, D) in the inputs' dtype.
-
-    K is the CMRR (finite, > 0; the paper's default is 10). Computed as
-    ``(K + 1/2) M+ V - (K - 1/2) M- V``. With ``q2 = q1`` and ``k2 = k1`` it is plain softmax
-    attention for any K: the common-mode gain is 1.
-    """
+    """OpAmp attention ``(K + 1/2) M+ V - (K - 1/2) M- V`` -> (B, H, T, D) in the inputs' dtype. K: the CMRR
+    (> 0, the paper's default 10); with ``q2 = q1, k2 = k1`` it is plain attention for any K (common-mode gain 1)."""
     check_opamp_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
     m_plus = softmax_probs(q1, k1, causal, key_padding_mask, scale)  # (B, H, T, S)
     m_minus = softmax_probs(q2, k2, causal, key_padding_mask, scale)  # (B, H, T, S)
-    out = (K + 0.5) * grouped_apply(m_plus, v) - (K - 0.5) * grouped_apply(m_minus, v)  # (B, H, T, D)
-    return out.to(q1.dtype)
+    return ((K + 0.5) * grouped_apply(m_plus, v) - (K - 0.5) * grouped_apply(m_minus, v)).to(q1.dtype)
