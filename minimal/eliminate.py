@@ -1,18 +1,15 @@
 """Elimination: attention with every probability below ``tau`` set to zero. The template method.
 
-Scaled ReAttention (Gao et al., arXiv 2307.13365) starts from an observation: in a row of
-attention probabilities the many tiny ones ("small potatoes", p < 0.01) carry little, and
-zeroing every score below 2e-2 barely moved LLaMA-3-8B's accuracy. ``Eliminate`` tests that:
+Scaled ReAttention (Gao et al., arXiv 2307.13365) observes that the many tiny probabilities of a row
+("small potatoes", p < 0.01) carry little: zeroing every score below 2e-2 barely moved LLaMA-3-8B's accuracy.
 
     P = softmax(Q K^T s + mask),   out = (P * [P >= tau]) V          (B, H, T, D)
 
-Rows are NOT renormalised: the dropped mass is simply gone, as in SRA before it hands the
-mass back (``renormalize=True`` divides each row by what is left, to compare).
+Rows are NOT renormalised: the dropped mass is gone, as in SRA before it hands the mass back
+(``renormalize=True`` divides each row by what is left, to compare).
 
-This file is the smallest complete method, and the one to copy for a new one: a class with
-``slot = "calibration"``, a ``__call__`` with the hook's arguments that returns the output
-``(B, H, T, D)`` (or None for plain attention), an optional ``probs`` so captures see the map it
-used, and one line to attach it (``minimal.hooks.attach``).
+The one to copy: ``slot = "calibration"``, a ``__call__`` with the hook's arguments returning
+``(B, H, T, D)`` (None: plain attention), an optional ``probs`` (the map captures see), ``hooks.attach``.
 """
 
 from __future__ import annotations
@@ -26,11 +23,8 @@ __all__ = ["Eliminate", "eliminate"]
 
 
 class Eliminate:
-    """Calibration: every probability below ``tau`` set to 0, in prefill and decoding.
-
-    Computed a block of query rows at a time (about ``tile`` scores each): O(T) memory per
-    block, never (T, T).
-    """
+    """Calibration: every probability below ``tau`` set to 0, in prefill and decoding, a block of
+    query rows at a time (about ``tile`` scores each), never (T, T)."""
 
     slot = "calibration"
 
@@ -39,8 +33,7 @@ class Eliminate:
             raise ValueError(f"tau must be a number in [0, 1), got {tau!r}")
         self.tau, self.renormalize, self.tile = float(tau), bool(renormalize), tile
 
-    def _drop(self, p):
-        """Zero the probabilities below tau (in place); renormalise the rows if asked."""
+    def _drop(self, p):  # in place
         p = p.masked_fill_(p < self.tau, 0.0)
         return p.div_(p.sum(-1, keepdim=True).clamp_min(1e-30)) if self.renormalize else p
 
@@ -51,8 +44,7 @@ class Eliminate:
     def __call__(self, module, query, key, value, attention_mask, scaling):
         if self.tau == 0 and not self.renormalize:
             return None  # nothing to drop: the stock path
-        B, H, T, D = query.shape
-        S = key.shape[2]
+        (B, H, T, D), S = query.shape, key.shape[2]
         scale = D**-0.5 if scaling is None else scaling
         allowed = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
         out = torch.empty(B, H, T, D, dtype=torch.float32, device=query.device)
