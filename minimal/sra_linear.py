@@ -11,9 +11,8 @@ over keys once a row's log-sum-exp is known (per row i, window W = [lo, hi), p_j
              valid = any_{j in W} p_j > theta
     output   kept + r g mv / M where valid, else the plain row
 
-Two rows functions: ``blocked_rows`` here (PyTorch, a block of rows at a time against all keys)
-and ``minimal.triton_sra.sra_rows`` (Triton, key blocks too). The per-row plan (theta, lo, hi)
-comes from ``minimal.sra.row_plan``; this module does not import ``minimal.sra``.
+Rows functions: ``blocked_rows`` here (PyTorch, a block of rows against all keys) and
+``minimal.triton_sra.sra_rows`` (Triton). The plan (theta, lo, hi) comes from ``minimal.sra.row_plan``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention import allowed_keys, grouped_apply, grouped_scores, masked_softmax, row_blocks
-
-__all__ = ["real_tokens", "plain_attention", "touched_spans", "sra_output", "blocked_rows"]
 
 
 def real_tokens(lengths, T: int, device=None) -> torch.Tensor:
@@ -34,9 +31,7 @@ def real_tokens(lengths, T: int, device=None) -> torch.Tensor:
 
 def plain_attention(q, k, v, lengths, scale):
     """Causal attention, one sequence at a time on its real tokens (SDPA: flash, linear memory).
-
-    q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); padding rows are 0.
-    """
+    q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); padding rows are 0."""
     T = q.shape[2]
     if all(n == T for n in lengths):  # no padding: one batched call
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -51,23 +46,16 @@ def plain_attention(q, k, v, lengths, scale):
 
 def touched_spans(touched) -> list[tuple[int, int]]:
     """Maximal runs [r0, r1) of query positions where some sequence is touched; touched (B, T) bool."""
-    spans = []
-    for i, t in enumerate(touched.any(0).tolist()):
-        if t and spans and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        elif t:
-            spans.append((i, i + 1))
-    return spans
+    t = F.pad(touched.any(0).int(), (1, 1))  # (T + 2,)
+    edges = (t[1:] - t[:-1]).nonzero().flatten().tolist()  # where runs start and end, alternating
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def sra_output(q, k, v, theta, lo, hi, lengths, scale, gain, rows_fn):
-    """Plain attention for every row, then ``rows_fn`` for the rows the plan touches.
-
-    q (B, H, T, D); k, v (B, Hkv, T, D); theta, lo, hi (B, T) the plan (lo = hi: untouched);
-    lengths: real tokens per sequence (left padding). ``rows_fn(q_rows, k, v, theta, lo, hi,
-    key_real, scale, gain) -> (out (B, H, R, D), valid (B, H, R) bool)`` for R rows that are
-    the last R of S positions; its output replaces the plain one where valid.
-    """
+    """Plain attention for every row, then ``rows_fn`` for the rows the plan touches: (B, H, T, D).
+    q (B, H, T, D); k, v (B, Hkv, T, D); theta, lo, hi (B, T) the plan (lo = hi: untouched); lengths: real
+    tokens per item. ``rows_fn(q_rows, k, v, theta, lo, hi, key_real, scale, gain) -> (out (B, H, R, D),
+    valid (B, H, R))`` for R rows, the last R of S positions; its output replaces the plain one where valid."""
     T = q.shape[2]
     out = plain_attention(q, k, v, lengths, scale)  # (B, H, T, D)
     key_real = real_tokens(lengths, T, q.device)  # (B, T)
@@ -81,13 +69,9 @@ def sra_output(q, k, v, theta, lo, hi, lengths, scale, gain, rows_fn):
 
 def blocked_rows(q, k, v, theta, lo, hi, key_real, scale, gain, tile=2**20):
     """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R))``.
-
-    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R); key_real (B, S). A block of rows
-    (about ``tile`` scores) holds its rows against all keys, so pass 1 is one softmax and pass 2
-    one matmul with ``kept + r g m / M``; memory O(tile), never (R, S) at once.
-    """
-    B, H, R, D = q.shape
-    S = k.shape[2]
+    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R); key_real (B, S). A block of rows (about
+    ``tile`` scores) against all keys: pass 1 is one softmax, pass 2 one matmul; memory O(tile)."""
+    (B, H, R, D), S = q.shape, k.shape[2]
     out = torch.zeros(B, H, R, D, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     valid = torch.zeros(B, H, R, dtype=torch.bool, device=q.device)
     for r0, r1 in row_blocks(R, B * H * S, tile):

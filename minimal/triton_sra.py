@@ -1,25 +1,18 @@
-"""Scaled ReAttention in Triton: the rows function ``sra_rows`` of ``minimal.sra_linear.sra_output``,
+"""Scaled ReAttention in Triton: ``sra_rows``, the rows function of ``minimal.sra_linear.sra_output``,
 two passes per query block, never building the (T, T) map. The spec is ``minimal.sra.reattend``.
 
 SRA's rules need each key's *final* probability ``p_j = exp(s_j - lse)`` (is it below theta?), so
-the one-pass online softmax of FlashAttention is not enough. Two passes are: once the row's
-log-sum-exp is known, all the output needs is sums over keys (row i, window W = [lo, hi)):
-
-pass 1   ``_sra_lse_kernel``: lse_i = log sum_j exp(s_ij), an online max and sum over key blocks.
-pass 2   ``_sra_out_kernel``: with p_ij = exp(s_ij - lse_i), over key blocks again,
-
-             kept    = sum_{p_j >= theta} p_j v_j        r = 1 - sum_{p_j >= theta} p_j
-             mv      = sum_{j in W} m_j v_j              M = sum_{j in W} m_j,  m_j = 100 or 5
-             valid   = any_{j in W} p_j > theta
-
-         it stores out = kept + r g mv / M and the flag valid.
+FlashAttention's one-pass online softmax is not enough. Two passes are (the sums: ``minimal.sra_linear``):
+pass 1, ``_sra_lse_kernel``, computes lse_i = log sum_j exp(s_ij) with an online max and sum over key
+blocks; pass 2, ``_sra_out_kernel``, goes over the key blocks again with p_ij = exp(s_ij - lse_i),
+accumulates kept, r, mv, M and valid, and stores out = kept + r g mv / M and the flag valid.
 
 One program per (query block, batch*head), as in FlashAttention-2 (Dao, 2023) and Triton's
 fused-attention tutorial; K/V tiles are read by the query head's KV head (GQA), never repeated.
 q (B, H, R, D) holds the *last* R of S positions (bottom-right causal); key_real (B, S) is True on
 real tokens (left padding); a row that sees no key outputs 0. Head dims 16..128; fp16, bf16, fp32
-on a GPU (fp32 dots in IEEE precision, not TF32); fp32 and fp16 under Triton's CPU interpreter
-(TRITON_INTERPRET=1, set before import), where bf16 dots are wrong, so bf16 raises. fp32 accumulation.
+(fp32 dots in IEEE precision, not TF32), fp32 accumulation; under Triton's CPU interpreter
+(TRITON_INTERPRET=1, set before import) fp32 and fp16 only (``minimal.triton_common``).
 """
 
 from __future__ import annotations
@@ -33,12 +26,10 @@ from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launc
 __all__ = ["sra_rows", "interpreter_active"]
 
 
-
 @triton.jit
 def _allowed(rows, cols, b, R, S, PAD):
     """Which (row, key) pairs may attend: inside the tensors, causal (bottom-right), real key."""
-    ok = (rows[:, None] < R) & (cols[None, :] < S)
-    ok = ok & (cols[None, :] <= rows[:, None] + (S - R))
+    ok = (rows[:, None] < R) & (cols[None, :] < S) & (cols[None, :] <= rows[:, None] + (S - R))
     keep = tl.load(PAD + b * S + cols, mask=cols < S, other=0)  # (BLOCK_N,) 1 = real token
     return ok & (keep[None, :] != 0)
 
@@ -52,7 +43,6 @@ def _scores(q, K, kv_base, cols, offs_d, S, D, qk_scale, PRECISION: tl.constexpr
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, kv_idx, kv_mask
 
 
-# ------------------------------------------------------------------ pass 1: each row's log-sum-exp
 @triton.jit
 def _sra_lse_kernel(
     Q, K, PAD, LSE,  # Q (B,H,R,D), K (B,Hkv,S,D), PAD (B,S) int8, LSE (B,H,R) fp32 out
@@ -63,7 +53,6 @@ def _sra_lse_kernel(
     bh = tl.program_id(1).to(tl.int64)  # b * H + h, int64 so offsets cannot overflow
     b, h = bh // H, bh % H
     kv_base = (b * (H // GROUP) + h // GROUP) * S * D  # the KV head this query head reads
-
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (rows[:, None] < R) & (offs_d[None, :] < D)
@@ -86,7 +75,6 @@ def _sra_lse_kernel(
     tl.store(LSE + bh * R + rows, lse, mask=rows < R)
 
 
-# --------------------------------------------------------- pass 2: the accumulators and the output
 @triton.jit
 def _sra_out_kernel(
     Q, K, V, PAD, LSE, THETA, LO, HI, O, VALID,  # THETA (B,R) fp32, LO/HI (B,R) int32; O (B,H,R,D), VALID (B,H,R)
@@ -97,7 +85,6 @@ def _sra_out_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     kv_base = (b * (H // GROUP) + h // GROUP) * S * D
-
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_idx = bh * R * D + rows[:, None] * D + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
@@ -140,30 +127,24 @@ def _sra_out_kernel(
     tl.store(VALID + bh * R + rows, valid.to(tl.int8), mask=rows < R)
 
 
-# ------------------------------------------------------------------------------------- python side
 def sra_rows(q, k, v, theta, lo, hi, key_real, scale, gain):
     """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R) bool)``.
-
-    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R) the plan; key_real (B, S) bool.
-    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
-    """
-    B, H, R, D = q.shape
+    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R) the plan; key_real (B, S) bool. CUDA
+    tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128]."""
     check_kernel_inputs(q, "minimal.triton_sra", 'backend="blocked"')
-    Hkv, S = k.shape[1], k.shape[2]
+    (B, H, R, D), (Hkv, S) = q.shape, k.shape[1:3]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pad = key_real.to(torch.int8).contiguous()  # (B, S)
     theta = theta.to(torch.float32).contiguous()  # (B, R)
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     blocks, launch = launch_settings(D, q.dtype)
-    dot_precision = precision(q.dtype)
-
+    meta = dict(PRECISION=precision(q.dtype), **blocks, **launch)  # meta-parameters and launch settings
     lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     valid = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     grid = (triton.cdiv(R, blocks["BLOCK_M"]), B * H)
     sizes = (H, H // Hkv, R, S, D)
     with on_device(q):
-        _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, PRECISION=dot_precision, **blocks, **launch)
-        _sra_out_kernel[grid](q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes,
-                              PRECISION=dot_precision, **blocks, **launch)
+        _sra_lse_kernel[grid](q, k, pad, lse, scale * LOG2E, *sizes, **meta)
+        _sra_out_kernel[grid](q, k, v, pad, lse, theta, lo, hi, out, valid, scale * LOG2E, float(gain), *sizes, **meta)
     return out, valid.bool()
