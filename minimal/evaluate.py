@@ -1,10 +1,7 @@
 """Scoring noisy-context QA: greedy answers, two match rules, accuracy grids, attention on gold.
 
-    records = evaluate(model, tokenizer, examples)           # one dict per example
-    grid = accuracy_grid(records, by=("noise_ratio", "gold_position"))
-    print(format_grid(grid, rows="noise_ratio", cols="gold_position"))
-
-Records, grids and layer profiles are plain lists and dicts, so ``save_json`` writes them as they are.
+    records = evaluate(model, tokenizer, examples)           # one dict per example (plain, for save_json)
+    print(format_grid(accuracy_grid(records, by=("noise_ratio", "gold_position"))))
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, center - half), min(1.0, center + half))
 
 
-def percent(row: dict) -> str:
-    """An accuracy row as ``" 61.3% [52- 70]"``: the accuracy and its Wilson interval."""
+def percent(row: dict) -> str:  # " 61.3% [52- 70]": an accuracy row and its Wilson interval
     return f"{100 * row['accuracy']:5.1f}% [{100 * row['low']:2.0f}-{100 * row['high']:3.0f}]"
 
 
@@ -140,11 +136,8 @@ def attention_by_layer(records: list[dict]) -> dict:
     in total (``gold``, ``distractors``) and per document (``*_per_doc``, the fair comparison)."""
     keys = {"gold": "gold_mass", "distractors": "distractor_mass",
             "gold_per_doc": "gold_mass_per_doc", "distractors_per_doc": "distractor_mass_per_doc"}
-    out = {}
-    for name, key in keys.items():
-        vals = [r[key] for r in records if r.get(key) is not None]
-        out[name] = torch.tensor(vals).mean(0).tolist() if vals else None
-    return out
+    vals = {name: [r[key] for r in records if r.get(key) is not None] for name, key in keys.items()}
+    return {name: torch.tensor(v).mean(0).tolist() if v else None for name, v in vals.items()}
 
 
 def gold_attention_ratio(records: list[dict]) -> float | None:
@@ -200,7 +193,6 @@ def paired(base_records: list[dict], other_records: list[dict], metric: str = "l
 
 
 def save_json(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=float))
     return path
