@@ -13,16 +13,13 @@ def plot_accuracy(grid, x: str, group: str | None = None, ax=None, label: str | 
     groups = list(dict.fromkeys(r[group] for r in grid)) if group else [None]
     for g in groups:
         rows = [r for r in grid if group is None or r[group] == g]
-        xs = [r[x] for r in rows]
-        ys = [100 * r["accuracy"] for r in rows]
         # max(0, .): the Wilson bounds can miss 0% or 100% by a rounding error
         err = [[max(0.0, 100 * (r["accuracy"] - r["low"])) for r in rows],
                [max(0.0, 100 * (r["high"] - r["accuracy"])) for r in rows]]
         name = label if group is None else f"{label + ' ' if label else ''}{group}={g}"
-        ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=name)
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel("accuracy (%), 95% Wilson interval")
-    ax.set_ylim(-2, 102)
+        ax.errorbar([r[x] for r in rows], [100 * r["accuracy"] for r in rows], yerr=err, marker=marker, capsize=3,
+                    label=name)
+    ax.set(xlabel=x.replace("_", " "), ylabel="accuracy (%), 95% Wilson interval", ylim=(-2, 102))
     ax.grid(alpha=0.3)
     if group or label:
         ax.legend(fontsize=8)
@@ -35,9 +32,9 @@ def plot_layer_attention(profile: dict, ax=None, label: str = ""):
     layers = range(len(profile["gold_per_doc"]))
     ax.plot(layers, profile["gold_per_doc"], marker=".", label=f"{label} gold document".strip())
     if profile.get("distractors_per_doc"):
-        ax.plot(layers, profile["distractors_per_doc"], marker=".", ls="--", label=f"{label} one distractor (mean)".strip())
-    ax.set_xlabel("layer")
-    ax.set_ylabel("attention mass of the last token")
+        ax.plot(layers, profile["distractors_per_doc"], marker=".", ls="--",
+                label=f"{label} one distractor (mean)".strip())
+    ax.set(xlabel="layer", ylabel="attention mass of the last token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
@@ -47,22 +44,17 @@ def plot_document_heatmap(mass, gold, ax=None, title: str = "", label: str = "at
     """Heat map of attention mass, layers (rows) x documents (columns); gold columns marked."""
     ax = ax or plt.gca()
     im = ax.imshow(mass, aspect="auto", cmap="viridis", origin="lower")
-    n_docs = mass.shape[1]
-    ax.set_xticks(range(n_docs))
-    ax.set_xticklabels([f"[{i + 1}]{'*' if i in gold else ''}" for i in range(n_docs)], fontsize=7)
-    ax.set_xlabel("document (* = gold)")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_xticks(range(mass.shape[1]), [f"[{i + 1}]{'*' if i in gold else ''}" for i in range(mass.shape[1])],
+                  fontsize=7)
+    ax.set(xlabel="document (* = gold)", ylabel="layer", title=title)
     plt.colorbar(im, ax=ax, label=label)
     return ax
 
 
 def plot_windows(n: int, num_layers: int, config: SRAConfig | None = None, ax=None, title: str = "", spans=None,
                  gold=()):
-    """SRA per layer on n tokens: the window W that receives the removed mass (bars), the rows (thin lines).
-
-    spans: token spans (e.g. a prompt's documents) shaded behind; the indices in ``gold`` green.
-    """
+    """SRA per layer on n tokens: the window W that receives the removed mass (bars), the rows (thin lines);
+    ``spans`` (e.g. a prompt's documents) shaded behind, those indexed by ``gold`` green."""
     ax, config = ax or plt.gca(), config or SRAConfig()
     for i, (s0, s1) in enumerate(spans or []):
         ax.axvspan(s0, s1, color="tab:green" if i in gold else "0.85", alpha=0.35 if i in gold else 0.5, lw=0)
@@ -77,10 +69,8 @@ def plot_windows(n: int, num_layers: int, config: SRAConfig | None = None, ax=No
                 labelled.add(name)
     ax.axvline(config.begin, color="gray", ls=":", lw=1)
     ax.axvline(n - config.tail, color="gray", ls="--", lw=1)
-    ax.set_xlim(0, n)
-    ax.set_xlabel(f"token position (n = {n}; dotted: b = {config.begin}, dashed: n - t = {n - config.tail})")
-    ax.set_ylabel("layer")
-    ax.set_title(title or "SRA windows per layer (bars: W; thin lines: the rows re-weighted)")
+    ax.set(xlim=(0, n), ylabel="layer", title=title or "SRA windows per layer (bars: W; thin lines: rows re-weighted)",
+           xlabel=f"token position (n = {n}; dotted: b = {config.begin}, dashed: n - t = {n - config.tail})")
     if labelled:
         ax.legend(fontsize=8, loc="lower right")
     return ax
