@@ -1,30 +1,22 @@
 """OpAmp adaptation (arXiv 2502.12502): adapters that turn each attention layer into an amplifier.
 
-A chosen layer computes two attention maps from adapted queries and keys and combines them
-like an operational amplifier with differential gain ``K`` (the CMRR) and common-mode gain 1::
+A chosen layer adapts its queries and keys, then runs OpAmp attention (``minimal.attention``)::
 
     q1 = Eq1(q),  q2 = Eq2(q)          q (B, T, H*D): the query heads, concatenated, after RoPE
     k1 = Ek1(k),  k2 = Ek2(k)          k (B, S, Hkv*D): the KV heads, before GQA repetition
     M+ = softmax(q1 k1^T s + mask),  M- = softmax(q2 k2^T s + mask)          (B, H, T, S)
     M  = K (M+ - M-) + (M+ + M-)/2,  out = M V                               V untouched
 
-Each adapter is a small residual bottleneck, ``E(x) = x + W_up(GELU(W_down(dropout(x))))``
-(hidden 64, no biases, ``W_up`` zero-initialised), so right after :func:`add_opamp` every
-adapter is the identity, ``M+ = M- = M``, and the model computes exactly what it did before.
-Placement follows the authors' code (after RoPE, on all heads concatenated); the paper's
-equations read as if before RoPE. Adapters act after RoPE and mix the heads, so the result
-depends on absolute positions: left-padded batches need ``position_ids = cumsum(mask) - 1``,
-as ``generate()`` builds them.
+Each adapter is a residual bottleneck ``E(x) = x + W_up(GELU(W_down(dropout(x))))`` with ``W_up``
+zero-initialised, so right after :func:`add_opamp` the model computes exactly what it did before.
+Placement follows the authors' code (after RoPE, on all heads concatenated; the paper's equations
+read as if before RoPE), so the result depends on absolute positions: left-padded batches need
+``position_ids = cumsum(mask) - 1``, as ``generate()`` builds them. Kernel: ``minimal.triton_opamp``.
 
 >>> add_opamp(model, K=10)                        # {layer: OpAmpCalibration}, identity at init
 >>> save_opamp(model, "results/opamp")           # adapters.safetensors + opamp_config.json
 >>> load_opamp(other_model, "results/opamp")     # checks the model matches, then loads
 >>> remove_opamp(model)
-
-Each layer runs through ``minimal.hooks``: on CUDA with the fused Triton kernel
-(``minimal.triton_opamp``), elsewhere (or for a mask that is not causal + padding) as
-``(K + 1/2) M+ V - (K - 1/2) M- V`` with PyTorch's SDPA for each map. Both are tested against
-``minimal.attention.opamp_attention``.
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hooks
-from .attention import grouped_scores, masked_softmax, opamp_combine
+from .attention import opamp_combine
 from .models import check_same_model, model_name
 from .profiles import triton_available
 
@@ -50,11 +42,8 @@ BACKENDS = ("auto", "triton", "reference")
 
 
 class Adapter(nn.Module):
-    """``E(x) = x + W_up(GELU(W_down(dropout(x))))``: (..., dim) -> (..., dim).
-
-    W_down (hidden, dim) Kaiming-uniform, W_up (dim, hidden) zeros, no biases: E is the identity
-    at initialisation. The weights keep their own dtype (fp32): a bf16 model can carry fp32 adapters.
-    """
+    """``E(x) = x + W_up(GELU(W_down(dropout(x))))``: (..., dim) -> (..., dim), the identity at init.
+    No biases; the weights keep their own dtype (fp32): a bf16 model can carry fp32 adapters."""
 
     def __init__(self, dim: int, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
@@ -64,37 +53,24 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.w_up.weight)
 
     def forward(self, x):
-        h = x.to(self.w_down.weight.dtype)
-        return x + self.w_up(F.gelu(self.w_down(self.dropout(h)))).to(x.dtype)
+        return x + self.w_up(F.gelu(self.w_down(self.dropout(x.to(self.w_down.weight.dtype))))).to(x.dtype)
 
 
 def mask_to_causal_padding(allowed: torch.Tensor, T: int, S: int):
-    """Express a boolean HF mask as ``causal (bottom-right) & key_padding_mask``, if it is one.
-
-    allowed (B|1, 1, T, S), True = attend -> key_padding_mask (B|1, S), or None when some real
-    query's row differs (a sliding window, packed sequences). Rows of padding queries are
-    ignored: their outputs are never used. The Triton kernel takes only this kind of mask.
-    """
+    """A bool HF mask (B|1, 1, T, S) as ``causal & key_padding_mask`` (B|1, S), the only mask the kernel
+    takes; None when a real query's row differs (sliding window, packing). Padding queries' rows are ignored."""
     keep = allowed[:, 0].any(dim=1)  # (B|1, S): a key someone may see is a real token
-    i = torch.arange(T, device=allowed.device)[:, None]
-    j = torch.arange(S, device=allowed.device)[None, :]
-    expected = (j <= i + (S - T))[None] & keep[:, None, :]  # (B|1, T, S)
-    real_query = keep[:, S - T :] if S >= T else torch.ones_like(keep[:, :T])  # (B|1, T)
-    same = (expected == allowed[:, 0]) | ~real_query[:, :, None]
-    return keep if bool(same.all()) else None
+    expected = allowed.new_ones(T, S).tril(S - T) & keep[:, None, :]  # (B|1, T, S) bottom-right causal
+    real_query = keep[:, S - T:, None]  # (B|1, T, 1): the queries are the last T positions
+    return keep if bool(((expected == allowed[:, 0]) | ~real_query).all()) else None
 
 
 class OpAmpCalibration(nn.Module):
-    """OpAmp for one attention layer: four adapters and the combined attention (a hooks calibration).
-
-    Its parameters sit in the model's ``state_dict`` under
+    """OpAmp for one attention layer (a hooks calibration), in the model's ``state_dict`` as
     ``...self_attn.calibration.{q1,q2,k1,k2}.w_{down,up}.weight``.
 
-    q1, q2   Adapter(H * D)      on the queries of all heads concatenated, after RoPE
-    k1, k2   Adapter(Hkv * D)    on the keys of the KV heads concatenated, before GQA repetition
-    K        the CMRR (differential gain); common-mode gain is 1
-    backend  "auto" (Triton kernel on CUDA, else PyTorch), "triton", "reference" (PyTorch)
-    """
+    q1, q2 Adapter(H * D) on all query heads; k1, k2 Adapter(Hkv * D) on the KV heads; K the CMRR;
+    backend "auto" (Triton kernel on CUDA, else PyTorch), "triton", "reference" (PyTorch)."""
 
     slot = "calibration"
 
@@ -110,8 +86,7 @@ class OpAmpCalibration(nn.Module):
         return f"K={self.K}, backend={self.backend}"
 
     @staticmethod
-    def _heads(x, adapter):
-        """An adapter across heads: (B, H, T, D) -> (B, T, H*D) -> adapter -> (B, H, T, D)."""
+    def _heads(x, adapter):  # (B, H, T, D) -> (B, T, H*D) -> adapter -> (B, H, T, D)
         B, H, T, D = x.shape
         return adapter(x.transpose(1, 2).reshape(B, T, H * D)).reshape(B, T, H, D).transpose(1, 2)
 
@@ -121,12 +96,8 @@ class OpAmpCalibration(nn.Module):
         return self._heads(query, self.q1), k1, self._heads(query, self.q2), k2
 
     def adapt_keys(self, key):
-        """(k1, k2) from key (B, Hkv, S, D), reusing the last call's work while decoding.
-
-        With a KV cache each step sees the previous keys plus new ones. The adapters act on each
-        position alone, so in inference (eval, no grad) only the new positions are adapted, once
-        the first ones are checked to be the previous call's keys (same batch, equal values).
-        """
+        """(k1, k2) from key (B, Hkv, S, D). Adapters act per position, so in inference (eval, no grad),
+        when the first keys equal the last call's (a KV cache), only the new positions are adapted."""
         seen = getattr(self, "_seen", None)
         inference = not self.training and not torch.is_grad_enabled()
         if inference and seen is not None:
@@ -147,11 +118,9 @@ class OpAmpCalibration(nn.Module):
         T, S = query.shape[2], key.shape[2]
         q1, k1, q2, k2 = self.adapt(query, key)
         use_triton = self.backend == "triton" or (self.backend == "auto" and query.is_cuda and triton_available())
-        if attention_mask is None and (T == S or T == 1):  # plain causal prefill, or one decoding query
-            allowed, padding = None, None
-        else:
-            allowed = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
-            padding = mask_to_causal_padding(allowed, T, S) if use_triton else None
+        plain = attention_mask is None and (T == S or T == 1)  # causal prefill, or one decoding query
+        allowed = None if plain else hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
+        padding = mask_to_causal_padding(allowed, T, S) if use_triton and not plain else None
         if use_triton and (allowed is None or padding is not None):
             from . import triton_opamp  # imported on first use: CPU runs never need Triton
 
@@ -169,21 +138,11 @@ class OpAmpCalibration(nn.Module):
 
     @torch.no_grad()
     def probs(self, module, query, key, attention_mask, scaling, rows=None):
-        """The combined map ``K (M+ - M-) + (M+ + M-)/2`` for query ``rows``: (B, H, R, S), fp32.
-
-        What captures record; rows sum to 1 but entries may be negative.
-        """
-        T, S = query.shape[2], key.shape[2]
-        rows = torch.arange(T, device=query.device) if rows is None else rows
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        """The map ``K (M+ - M-) + (M+ + M-)/2`` for query ``rows``: (B, H, R, S) fp32 (entries may be < 0)."""
         q1, k1, q2, k2 = self.adapt(query, key)
-        allowed = hooks.boolean_mask(attention_mask, T, S, query.device)[..., rows, :]  # (B|1, 1, R, S)
-        m_plus = masked_softmax(grouped_scores(q1[:, :, rows], k1, scaling), allowed)
-        m_minus = masked_softmax(grouped_scores(q2[:, :, rows], k2, scaling), allowed)
+        m_plus = hooks.layer_probs(module, q1, k1, attention_mask, scaling, rows)  # (B, H, R, S)
+        m_minus = hooks.layer_probs(module, q2, k2, attention_mask, scaling, rows)
         return opamp_combine(m_plus, m_minus, self.K)
-
-
-# ----------------------------------------------------------------------------- the model
 
 
 def _geometry(model) -> dict:
@@ -210,13 +169,10 @@ def opamp_parameters(model) -> list[nn.Parameter]:
 
 def add_opamp(model, K=10.0, adapter_dim: int = 64, stride: int = 1, layers=None, dropout: float = 0.1,
               backend: str = "auto") -> dict[int, OpAmpCalibration]:
-    """Attach OpAmp to every ``stride``-th layer (0, stride, 2*stride, ...) or to ``layers``.
+    """Attach OpAmp to every ``stride``-th layer (0, stride, 2*stride, ...) or to ``layers``: ``{layer: calibration}``.
 
-    K: the CMRR (> 0, default 10). adapter_dim: the adapters' hidden size. stride: the authors
-    use 2 for Llama, 3 for Qwen, 1 in their evaluation. Returns ``{layer: calibration}``; the
-    model's outputs are unchanged until the adapters train. Adapters are fp32 on each layer's
-    device, added after any quantisation, so never quantised.
-    """
+    K: the CMRR (> 0). stride: the authors use 2 for Llama, 3 for Qwen, 1 in their evaluation.
+    Adapters are fp32 on each layer's device, added after any quantisation, so never quantised."""
     if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
         raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
     for name, value in (("adapter_dim", adapter_dim), ("stride", stride)):
@@ -248,9 +204,6 @@ def remove_opamp(model) -> None:
     vars(model).pop("_opamp_config", None)
 
 
-# ----------------------------------------------------------------------------- save and load
-
-
 def save_opamp(model, directory) -> Path:
     """Write ``adapters.safetensors`` (the adapters only) and ``opamp_config.json``."""
     from safetensors.torch import save_file
@@ -272,10 +225,8 @@ def save_opamp(model, directory) -> Path:
 def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
     """Load adapters saved by :func:`save_opamp` into ``model``, adding OpAmp if it has none.
 
-    Raises ValueError if the saved geometry (model type, layers, heads, head dim), the model's
-    name, or an OpAmp already on the model differ from the saved config, and if any tensor is
-    missing, unexpected or of the wrong shape: it never keeps random weights silently.
-    """
+    ValueError if the geometry, the model's name or an OpAmp already on the model differ from the
+    saved config, or a tensor is missing, unexpected or misshapen: never random weights silently."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -287,10 +238,8 @@ def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
             raise ValueError(f"adapters in {directory} were saved for {key}={saved.get(key)!r}, "
                              f"this model has {key}={value!r}")
     check_same_model(saved.get("model", ""), model, f"OpAmp adapters in {directory}")
-    layers = opamp_layers(model)
-    if not layers:
-        layers = add_opamp(model, K=saved["K"], adapter_dim=saved["adapter_dim"], layers=saved["layers"],
-                           dropout=saved.get("dropout", 0.1))
+    layers = opamp_layers(model) or add_opamp(model, K=saved["K"], adapter_dim=saved["adapter_dim"],
+                                              layers=saved["layers"], dropout=saved.get("dropout", 0.1))
     cal = next(iter(layers.values()))
     have = dict(K=cal.K, adapter_dim=cal.q1.w_down.out_features, layers=sorted(layers))
     for key, value in have.items():
@@ -298,8 +247,9 @@ def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
             raise ValueError(f"the model carries OpAmp with {key}={value!r}, the saved adapters have "
                              f"{key}={saved[key]!r}: call remove_opamp(model) first")
     adapters = nn.ModuleDict({str(i): cal for i, cal in layers.items()})
+    weights = {k.removeprefix("layers."): t for k, t in load_file(str(directory / WEIGHTS_FILE)).items()}
     try:  # strict: every tensor present, none unexpected, every shape right
-        adapters.load_state_dict({k.removeprefix("layers."): t for k, t in load_file(str(directory / WEIGHTS_FILE)).items()})
+        adapters.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"saved adapters in {directory} do not match the model: {err}") from None
     return layers
