@@ -1,17 +1,8 @@
-"""One switch sizes every notebook and command: ``MINIMAL_PROFILE=smoke|cpu|gpu``.
+"""One switch sizes every notebook and command: ``MINIMAL_PROFILE=smoke|cpu|gpu`` (default: gpu with CUDA, else cpu).
 
-- ``smoke``: CI. The real model and the real code paths, with tiny counts.
-- ``cpu``:   the committed notebook outputs. Enough examples for numbers that mean
-             something, each notebook at most ~15 minutes on 2 CPU cores.
-- ``gpu``:   Colab T4 or better: more data, more steps, optionally a bigger model.
-
-The default is ``gpu`` when CUDA is available, else ``cpu``. Everything that depends on
-the profile reads it through :func:`get_profile`, here and nowhere else:
-
->>> p = get_profile("cpu")
->>> p.examples_per_cell
-30
-"""
+smoke: CI, the real model and code paths with tiny counts. cpu: the committed notebook outputs, numbers that mean
+something in at most ~15 minutes a notebook on 2 cores. gpu: Colab T4 or better, more data and steps, a bigger model.
+Everything sized by the profile reads it here: ``get_profile("cpu").examples_per_cell == 30``."""
 
 from __future__ import annotations
 
@@ -19,18 +10,18 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+import torch
+
 PROFILE_NAMES = ("smoke", "cpu", "gpu")
 
-# Every size, as (smoke, cpu, gpu). One line per knob, grouped by the notebook that uses it.
+# Every size, as (smoke, cpu, gpu). The prefix names the notebook: opamp_ 03 (and 04), cmrr_ 04, sra_ 05, pear_ 06,
+# compare_ 07 (python -m minimal compare); the others 00, python -m minimal evaluate and every notebook's test runs.
 SIZES: dict[str, tuple] = {
-    # evaluation (00, python -m minimal evaluate, and every later notebook's test runs)
     "examples_per_cell": (2, 30, 30),  # test examples per (noise ratio, gold position) cell (the files hold 30)
     "batch_size": (8, 8, 32),  # generation batch size
     "max_new_tokens": (20, 20, 20),  # SmolLM2 answers in a sentence, and a year takes 4 tokens
-    # 00 the problem
     "distractor_counts": ((0, 3), (0, 1, 3, 7, 15), (0, 1, 3, 7, 15)),  # accuracy-vs-distractors sweep
     "examples_per_count": (4, 40, 40),  # examples per point of that sweep (the shipped file has 40)
-    # 03 opamp adaptation (and 04 cmrr ablation)
     "opamp_model": ("smollm2-135m", "smollm2-135m", "Qwen/Qwen2.5-0.5B-Instruct"),
     "qlora": (False, False, True),  # 4-bit NF4 base model for training (needs CUDA and bitsandbytes)
     "opamp_stride": (3, 3, 1),  # OpAmp on every stride-th layer (authors: 2 Llama, 3 Qwen, 1 in eval)
@@ -39,25 +30,21 @@ SIZES: dict[str, tuple] = {
     "opamp_train_batch": (2, 4, 8),  # training micro-batch
     "opamp_train_steps": (1, 24, 500),  # optimizer steps, same for OpAmp+LoRA and LoRA-only
     "opamp_eval_per_cell": (1, 8, 30),  # test_1hop questions per (noise, position) cell
-    # 04 cmrr ablation
     "cmrr_values": ((10,), (1, 5, 10, 20), (1, 5, 10, 20)),  # K values
     "cmrr_train_steps": (1, 12, 300),  # steps per run (every K and the LoRA-only control), batch opamp_train_batch
     "cmrr_train_noise": (0.8, 0.8, 0.8),  # every run trains at this one noise ratio; tests span all of them
     "cmrr_eval_per_cell": (1, 6, 30),  # test_1hop questions per (noise, position) cell
     "cmrr_seeds": ((0,), (0, 1), (0, 1, 2)),  # training seeds
-    # 05 scaled reattention
     "sra_text_tokens": (256, 2200, 2200),  # last tokens of data/text/facts_qa.txt (2194: all of it)
     "sra_elim_per_ratio": (1, 6, 25),  # test_1hop questions per noise ratio, per elimination threshold
     "sra_sweep_examples": (6, 48, 150),  # train-split questions per (g, f) point of the sweep
     "sra_sweep_gains": ((4.0,), (2.0, 4.0, 8.0), (2.0, 4.0, 8.0)),  # g values swept
     "sra_sweep_factors": ((0.5,), (0.3, 0.5), (0.1, 0.3, 0.5)),  # f = f_inner = f_outer values swept
     "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
-    # 07 comparison (python -m minimal compare)
     "compare_train_steps": (1, 32, 500),  # steps of batch opamp_train_batch on training_mix, lora and opamp alike
     "compare_seeds": ((0,), (0, 1, 2), (0, 1, 2)),  # training seeds of the trained methods
     "compare_per_cell": (1, 5, 30),  # questions per (noise, position) cell of each test set (cpu: 50 a set)
     "compare_repeats": (3, 11, 21),  # paired prefill timings per method (median ratio to base)
-    # 06 pear
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
                       ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's
     "pear_compare_samples": (2, 8, 40),  # samples of the 2nd setting scored by both variants (mean vs path)
@@ -77,7 +64,6 @@ SIZES: dict[str, tuple] = {
 @dataclass(frozen=True)
 class Profile:
     """The sizes of one profile: ``profile.batch_size`` and so on (see ``SIZES``)."""
-
     name: str
 
     def __getattr__(self, knob: str):
@@ -86,15 +72,9 @@ class Profile:
         return SIZES[knob][PROFILE_NAMES.index(self.name)]
 
 
-def default_profile_name() -> str:
-    import torch
-
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
 def get_profile(name: str | None = None) -> Profile:
-    """The profile named by ``name``, else by ``$MINIMAL_PROFILE``, else the default."""
-    name = name or os.environ.get("MINIMAL_PROFILE") or default_profile_name()
+    """The profile named by ``name``, else by ``$MINIMAL_PROFILE``, else gpu with CUDA, else cpu."""
+    name = name or os.environ.get("MINIMAL_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name not in PROFILE_NAMES:
         raise ValueError(f"MINIMAL_PROFILE={name!r} is not a profile; choose one of {', '.join(PROFILE_NAMES)}")
     return Profile(name)
@@ -104,22 +84,17 @@ TRITON_MISSING = ("needs Triton, which has Linux wheels only (pip install triton
                   "none): everything else in minimal runs on the PyTorch reference")
 
 
-def triton_available() -> bool:
-    """Whether ``import triton`` can work here (it is not imported)."""
+def triton_available() -> bool:  # whether ``import triton`` can work here (it is not imported)
     return importlib.util.find_spec("triton") is not None
 
 
 def check_kernel_dtype(dtype, interpreted: bool) -> None:
     """ValueError for bfloat16 where a Triton kernel cannot compute it: under the interpreter
     (its bf16 ``tl.dot`` multiplies raw bit patterns) and on GPUs older than sm_80 (Colab's T4)."""
-    import torch
-
-    if dtype != torch.bfloat16:
-        return
-    if interpreted:
+    if dtype == torch.bfloat16 and interpreted:
         raise ValueError("bfloat16 is not supported under Triton's interpreter (TRITON_INTERPRET=1): its bf16 "
                          "tl.dot gives wrong results. Use float32 or float16 on CPU, bfloat16 on a GPU.")
-    if not torch.cuda.is_bf16_supported(including_emulation=False):
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         major, minor = torch.cuda.get_device_capability()
         raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {torch.cuda.get_device_name()} "
                          f"is {major}.{minor}: use float16 (minimal.models.compute_dtype picks it)")
