@@ -1,17 +1,13 @@
-"""Helpers for notebook 01 (OpAmp theory): synthetic attention maps, their summary, a plot,
-and a check of the OpAmp reference against transformers' DiffLlama attention.
-
-OpAmp attention (arXiv 2502.12502) combines two attention maps like an operational amplifier
-with differential gain K (the CMRR) and common-mode gain 1 (``minimal.attention``)::
+"""Notebook 01 (OpAmp theory): synthetic attention maps, their summary, a plot, and a check of
+the OpAmp reference (``minimal.attention``, arXiv 2502.12502) against transformers' DiffLlama.
 
     M = K (M+ - M-) + (M+ + M-)/2 = C + K S
     C = (M+ + M-)/2     common mode      rows sum to 1
     S =  M+ - M-        differential     rows sum to 0
 
-The synthetic maps here make that split visible: both maps share one noise map N (the
-"common-mode noise": an attention sink and look-alike documents that get the same attention
-as the gold one) and differ by how much of their attention goes to the gold document R.
-Nothing in this module is trained; it is a picture of the formula, not of a model.
+The synthetic maps make that split visible: both share one noise map N (an attention sink and
+look-alike documents: "common-mode noise") and differ in how much attention goes to the gold
+document R. Nothing here is trained: a picture of the formula, not of a model.
 """
 
 from __future__ import annotations
@@ -26,20 +22,11 @@ from .attention import opamp_attention
 __all__ = ["SyntheticMaps", "synthetic_maps", "map_summary", "plot_map", "diffllama_vs_opamp"]
 
 
-# ----------------------------------------------------------------------------------------
-# A synthetic pair of attention maps: signal + common-mode noise
-
-
 @dataclass
 class SyntheticMaps:
-    """Two attention maps over one synthetic context, and where its documents are.
-
-    m_plus, m_minus  (Q, S)  rows = the Q question tokens, columns = all S keys; rows sum to 1
-    noise, signal    (Q, S)  the shared noise map N and the gold-document map R they mix
-    doc_spans        [(start, end), ...] key ranges of the documents
-    gold             index of the gold document in doc_spans
-    sink             key index of the attention sink (the first token)
-    """
+    """Two attention maps over one synthetic context: m_plus, m_minus, noise (N), signal (R), each (Q, S)
+    with rows = the Q question tokens; doc_spans: the documents' key ranges; gold: the gold document's
+    index in doc_spans; sink: the attention sink's key index (the first token)."""
 
     m_plus: torch.Tensor
     m_minus: torch.Tensor
@@ -50,7 +37,7 @@ class SyntheticMaps:
     sink: int = 0
 
 
-def _normalise(weights, allowed):
+def _normalise(weights, allowed):  # rows sum to 1 over the allowed keys
     weights = weights * allowed
     return weights / weights.sum(-1, keepdim=True)
 
@@ -59,18 +46,14 @@ def synthetic_maps(num_docs=6, doc_len=6, question_len=8, gold=2, signal_plus=0.
                    mismatch=0.02, seed=0, dtype=torch.float64) -> SyntheticMaps:
     """Two attention maps that share their noise and differ on the gold document.
 
-    Keys: ``[sink, 2 template tokens, num_docs documents of doc_len tokens, question_len
-    question tokens]``; rows: the question tokens, each seeing the keys up to itself (causal).
+    Keys ``[sink, 2 template tokens, num_docs documents of doc_len, question_len question tokens]``;
+    rows: the question tokens, causal. N (shared noise): a heavy sink, look-alike documents (one random
+    weight each), jitter, recent question tokens; R: uniform over the gold document; E1, E2: small
+    independent random maps (two maps never share their noise exactly). Every map is a valid one::
 
-        N       noise, shared by both maps: a heavy sink, every document alike (one random
-                weight per document, the look-alikes), per-token jitter, recent question tokens
-        R       signal: uniform over the gold document
-        E1, E2  small independent random maps: two maps never share their noise exactly
         M+ = (1 - a - e) N + a R + e E1,     a = signal_plus
         M- = (1 - b - e) N + b R + e E2,     b = signal_minus,  e = mismatch
-
-    So ``M+ - M- = (a - b)(R - N) + e (E1 - E2)``. Every map is a valid attention map
-    (entries >= 0, rows sum to 1).
+        M+ - M- = (a - b)(R - N) + e (E1 - E2)
     """
     if not 0 <= signal_minus < signal_plus:
         raise ValueError(f"need 0 <= signal_minus < signal_plus, got {signal_minus} and {signal_plus}")
@@ -103,32 +86,21 @@ def synthetic_maps(num_docs=6, doc_len=6, question_len=8, gold=2, signal_plus=0.
 
 
 def map_summary(m, doc_spans, gold, sink=0) -> dict:
-    """Row-averaged numbers for one attention map ``m`` (Q, S) (entries may be negative).
-
-    gold, distractor, sink  signed attention mass on the gold document, on one distractor
-                            document (mean over them), on the sink
-    gold_share_abs          share of the map's magnitude sum|m| that sits on the gold document
-    negative, negative_frac number and fraction of entries < 0;  min: the smallest entry
-    row_sum_error           max |row sum - 1|
-    """
+    """Row-averaged numbers for a map ``m`` (Q, S), entries maybe < 0: signed mass on the ``gold`` document,
+    on a ``distractor`` (mean), on the ``sink``; ``gold_share_abs`` of sum|m|; the ``negative`` entries
+    (count, ``negative_frac``), the ``min`` entry, ``row_sum_error`` = max |row sum - 1|."""
     span_mass = torch.stack([m[:, s:e].sum(-1) for s, e in doc_spans], -1)  # (Q, docs)
     distractors = [i for i in range(len(doc_spans)) if i != gold]
     gs, ge = doc_spans[gold]
-    return dict(
-        gold=span_mass[:, gold].mean().item(),
-        distractor=span_mass[:, distractors].mean().item(),
-        sink=m[:, sink].mean().item(),
-        gold_share_abs=(m[:, gs:ge].abs().sum(-1) / m.abs().sum(-1)).mean().item(),
-        negative=int((m < 0).sum()),
-        negative_frac=(m < 0).double().mean().item(),
-        min=m.min().item(),
-        row_sum_error=(m.sum(-1) - 1).abs().max().item(),
-    )
+    return dict(gold=span_mass[:, gold].mean().item(), distractor=span_mass[:, distractors].mean().item(),
+                sink=m[:, sink].mean().item(),
+                gold_share_abs=(m[:, gs:ge].abs().sum(-1) / m.abs().sum(-1)).mean().item(),
+                negative=int((m < 0).sum()), negative_frac=(m < 0).double().mean().item(), min=m.min().item(),
+                row_sum_error=(m.sum(-1) - 1).abs().max().item())
 
 
 def plot_map(ax, m, title="", doc_spans=(), gold=None):
-    """Heat map of one (Q, S) map on a diverging scale centred at 0 (red > 0, blue < 0);
-    document boundaries as thin lines, the gold document's as thick green ones."""
+    """Heat map of a (Q, S) map, diverging at 0 (red > 0, blue < 0); the gold document's edges thick green."""
     from matplotlib.colors import CenteredNorm
 
     im = ax.imshow(m.detach().cpu().numpy(), aspect="auto", cmap="RdBu_r", norm=CenteredNorm(0.0),
@@ -143,27 +115,17 @@ def plot_map(ax, m, title="", doc_spans=(), gold=None):
     return ax
 
 
-# ----------------------------------------------------------------------------------------
-# OpAmp vs transformers' DiffLlama attention (Differential Transformer, arXiv 2410.05258)
-
-
 def diffllama_vs_opamp(K, batch=2, seq=9, heads=4, kv_heads=2, head_dim=16, keep_norm=False, seed=0):
     """Run transformers' own ``DiffLlamaAttention.forward`` and OpAmp on the same projections.
 
-    Returns ``(diffllama, opamp)``, both (B, T, H * D) float64, which agree (up to DiffLlama's
-    fp32 softmax, ~1e-7 relative) when ``keep_norm=False``.
-
-    DiffLlama (transformers 5.x): query heads ``i < H/2`` with the first half of the KV heads
-    form map 1, heads ``i >= H/2`` with the second half map 2; each map reads values of width
-    2D (the two V halves concatenated); then
-    ``out = (1 - lambda_init) RMSNorm(O1 - lambda_full O2)`` and ``o_proj``, with
-    ``lambda_full = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init``.
-
-    We set the lambda vectors so that ``lambda_full = (K - 1/2)/(K + 1/2)``, replace o_proj
-    and (unless keep_norm) the parameter-free per-head RMSNorm by identities, and make RoPE
-    the identity (cos=1, sin=0). Then DiffLlama = (1 - lambda_init)/(K + 1/2) x OpAmp, where
-    OpAmp's values are the two V halves (OpAmp is linear in V: run once per half, concatenate).
-    Item 1 of the batch is right-padded (3 keys) to exercise the mask.
+    Returns ``(diffllama, opamp)``, both (B, T, H * D) float64, equal up to DiffLlama's fp32 softmax
+    (~1e-7 relative) unless ``keep_norm``. DiffLlama (transformers 5.x, arXiv 2410.05258): query heads
+    ``i < H/2`` with the first half of the KV heads form map 1, the rest map 2, each reading values of
+    width 2D (both V halves); ``out = (1 - lambda_init) RMSNorm(O1 - lambda_full O2)``, then ``o_proj``,
+    ``lambda_full = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init``. With ``lambda_full = (K - 1/2)/(K + 1/2)``,
+    o_proj, RoPE and (unless keep_norm) the per-head RMSNorm made identities,
+    DiffLlama = (1 - lambda_init)/(K + 1/2) x OpAmp, OpAmp run once per V half (it is linear in V).
+    The last batch item is right-padded (3 keys) to exercise the mask.
     """
     from transformers import DiffLlamaConfig
     from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention
