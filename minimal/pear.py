@@ -2,8 +2,8 @@
 
 1. **Proxy task.** Random token ids repeated, ``x1..xn x1..xn``, no BOS: in the second half every
    token can be copied from the first.
-2. **Detection** (``minimal.pear_detect``). Replace each head's output at the final position by its
-   batch mean; heads whose removal *raises* ``logit(target) - mean logit`` suppress copying.
+2. **Detection** (``minimal.pear_detect``). Heads whose mean-ablation at the final position *raises*
+   ``logit(target) - mean logit`` suppress copying.
 3. **Re-weighting.** Scale the top-k heads' outputs by learned ``tau_h`` (init 1), model frozen,
    cross-entropy on fresh copy sequences; then ``fold`` the scalars into ``o_proj``: a plain model.
 
@@ -11,9 +11,7 @@ A head's output is a slice of ``o_proj``'s input (Llama, Qwen2, Mistral)::
 
     o_proj(x) = W_O x = sum_h W_O[:, hD:(h+1)D] x_h          W_O (d_model, H*D), x_h (D,)
 
-PEAR acts there, not on the attention map, so unlike the other methods it is not a
-``minimal.hooks`` calibration: it puts forward pre-hooks on ``o_proj`` (found with the hooks'
-layer finder), and ``tau_h`` folds into the columns ``W_O[:, hD:(h+1)D]``.
+so PEAR acts there, with forward pre-hooks on ``o_proj`` (not a ``minimal.hooks`` calibration).
 
 >>> result = head_scores(model, proxy_dataset(tokenizer, seed=0))   # .scores (layers, heads)
 >>> heads = top_heads(result, k=10)                                 # [(layer, head), ...]
@@ -29,6 +27,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,24 +46,16 @@ SETTINGS = ((50, 20), (25, 40), (15, 80), (10, 100))
 # Random tokens come from these ids [choice]: in SmolLM2's BPE vocabulary they are ordinary
 # sub-words (no special token, no raw byte), common enough that the model has seen them often.
 TOKEN_RANGE = (1000, 10000)
-FOLD_MARK = "pear_folded"  # config attribute set by fold(); a second fold raises
-
-# ----------------------------------------------------------------------------- the proxy task
 
 
 def copy_sequences(n: int, samples: int, *, token_range=TOKEN_RANGE, exclude=(), generator=None) -> torch.Tensor:
-    """``samples`` sequences ``x1..xn x1..xn`` -> LongTensor ``(samples, 2n)``, no BOS.
-
-    The ``n`` ids of one sequence are distinct [choice], drawn uniformly from ``token_range``
-    (``[low, high)``) minus ``exclude`` (e.g. the tokenizer's special ids): then every token of
-    the second half has exactly one place to be copied from.
-    """
-    low, high = token_range
+    """``samples`` sequences ``x1..xn x1..xn`` -> LongTensor ``(samples, 2n)``, no BOS. The ``n`` ids of one
+    sequence are distinct [choice] (every copied token has one source), uniform in ``token_range`` ``[low,
+    high)`` minus ``exclude`` (e.g. the tokenizer's special ids)."""
     if n < 2 or samples < 1:
         raise ValueError(f"need n >= 2 and samples >= 1, got n={n}, samples={samples}")
-    candidates = torch.arange(low, high)
-    if len(exclude):
-        candidates = candidates[~torch.isin(candidates, torch.as_tensor(list(exclude)))]
+    candidates = torch.arange(*token_range)
+    candidates = candidates[~torch.isin(candidates, torch.tensor(list(exclude), dtype=torch.long))]
     if len(candidates) < n:
         raise ValueError(f"token_range={token_range} holds {len(candidates)} usable ids, fewer than n={n}")
     pick = torch.rand(samples, len(candidates), generator=generator).argsort(dim=1)[:, :n]  # (samples, n)
@@ -73,19 +64,11 @@ def copy_sequences(n: int, samples: int, *, token_range=TOKEN_RANGE, exclude=(),
 
 
 def proxy_dataset(tokenizer=None, settings=SETTINGS, *, seed: int = 0, token_range=TOKEN_RANGE) -> list[torch.Tensor]:
-    """One ``(samples, 2n)`` batch of copy sequences per ``(n, samples)`` setting, seeded.
-
-    ``tokenizer`` (optional) only supplies the special ids to leave out.
-    """
-    for setting in settings:
-        if len(setting) != 2:
-            raise ValueError(f"settings must be (n, samples) pairs, got {setting!r}")
+    """One ``(samples, 2n)`` batch of copy sequences per ``(n, samples)`` setting, seeded; ``tokenizer``
+    (optional) only supplies the special ids to leave out."""
     exclude = tokenizer.all_special_ids if tokenizer is not None else ()
     generator = torch.Generator().manual_seed(seed)
     return [copy_sequences(n, s, token_range=token_range, exclude=exclude, generator=generator) for n, s in settings]
-
-
-# ----------------------------------------------------------------------------- re-weighting
 
 
 class HeadScales(nn.Module):
@@ -93,9 +76,7 @@ class HeadScales(nn.Module):
 
         o_proj(x) = sum_h W_O[:, hD:(h+1)D] (tau_h x_h)       tau_h = 1 for heads not chosen
 
-    ``attach(model)`` adds one forward pre-hook per involved layer and returns self, also a
-    context manager; ``detach()`` removes them.
-    """
+    ``attach(model)`` adds a forward pre-hook per involved layer and returns self (a context manager)."""
 
     def __init__(self, heads, num_heads: int, head_dim: int, init=1.0):
         super().__init__()
@@ -148,10 +129,8 @@ def apply(model, coefficients) -> HeadScales:
 
 
 def _copy_logits(model, ids):
-    """Logits at positions ``n..2n-2`` of ``x1..xn x1..xn`` and their targets ``x2..xn`` of the copy.
-
-    The copy's first token ``x1`` follows ``xn`` and cannot be read from the context: left out [choice].
-    """
+    """Logits at positions ``n..2n-2`` of ``x1..xn x1..xn`` and their targets ``x2..xn``; the copy's first
+    token ``x1`` follows ``xn`` and cannot be read from the context: left out [choice]."""
     n = ids.shape[1] // 2
     return model(ids[:, :-1], logits_to_keep=n - 1).logits.float(), ids[:, n + 1 :]  # (B, n-1, V), (B, n-1)
 
@@ -177,14 +156,10 @@ def copy_metrics(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
 def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch_size: int = 8,
                        lr: float = 5e-3, seed: int = 1, tokenizer=None, token_range=TOKEN_RANGE,
                        progress: bool = True) -> tuple[HeadScales, dict]:
-    """Learn ``tau_h`` for ``heads`` on fresh copy sequences, the model frozen.
-
-    AdamW, lr 5e-3 [code] (default weight decay), ``sequences`` sequences of length ``2n`` in
-    batches of ``batch_size`` (the paper: 50,000 sequences of n = 50 [paper]; size it by the
-    profile), loss :func:`copy_loss`. Data are seeded by ``seed``; use another seed than the
-    detection data. Returns the HeadScales (detached from the model) and a history
-    ``{"step", "loss", "tau"}`` with the loss and the k coefficients after every step.
-    """
+    """Learn ``tau_h`` for ``heads`` on fresh copy sequences (seeded by ``seed``: not the detection's), the
+    model frozen: AdamW, lr 5e-3 [code], ``sequences`` sequences of length ``2n`` (the paper: 50,000 of
+    n = 50 [paper]; size it by the profile), loss :func:`copy_loss`. Returns the HeadScales (detached) and
+    a history ``{"step", "loss", "tau"}``: the loss and the k coefficients after every step."""
     heads = list(check_coefficients(model, heads))
     if sequences < 1 or batch_size < 1:
         raise ValueError(f"need sequences >= 1 and batch_size >= 1, got {sequences}, {batch_size}")
@@ -196,9 +171,8 @@ def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch
     optimizer = torch.optim.AdamW(scales.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     exclude = tokenizer.all_special_ids if tokenizer is not None else ()
-    steps = math.ceil(sequences / batch_size)
     history = {"step": [0], "loss": [float("nan")], "tau": [scales.tau.tolist()]}
-    bar = tqdm(range(steps), desc=f"train tau (k={len(heads)})", disable=not progress)
+    bar = tqdm(range(math.ceil(sequences / batch_size)), desc=f"train tau (k={len(heads)})", disable=not progress)
     try:
         with torch.enable_grad():
             for step in bar:
@@ -219,49 +193,33 @@ def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch
     return scales, history
 
 
-# ----------------------------------------------------------------------------- folding
-
-
 @torch.no_grad()
 def fold(model, coefficients) -> nn.Module:
-    """Write ``{(layer, head): tau}`` into ``o_proj``'s input columns, in place::
+    """Write ``{(layer, head): tau}`` into ``o_proj``'s input columns, in place; returns the model::
 
         W_O[:, hD:(h+1)D]  <-  tau_h * W_O[:, hD:(h+1)D]         (o_proj's bias, if any, untouched)
 
-    The result is a plain model: the same parameter names and shapes, the same logits as the
-    hooked model (:func:`apply`), no hooks, no extra cost. Returns the model.
-
-    The model is marked (``model.config.pear_folded``, which also survives ``save_pretrained``);
-    folding a marked model again raises ValueError, since scales would multiply silently.
-    Coefficients for heads the model does not have raise ValueError.
-    """
-    if getattr(model.config, FOLD_MARK, None):
-        raise ValueError(
-            "this model already has PEAR coefficients folded into o_proj (model.config.pear_folded); "
-            "folding twice would multiply them: fold into a fresh copy of the base model"
-        )
+    A plain model with the logits of :func:`apply`: same parameters, no hooks, no extra cost. It is marked
+    (``model.config.pear_folded``, kept by ``save_pretrained``): folding it again raises ValueError."""
+    if getattr(model.config, "pear_folded", None):
+        raise ValueError("this model already has PEAR coefficients folded into o_proj (model.config.pear_folded); "
+                         "folding twice would multiply them: fold into a fresh copy of the base model")
     coefficients = check_coefficients(model, coefficients)
     attn = attention_modules(model)
     _, _, head_dim = geometry(model)
     for (layer, head), tau in coefficients.items():
         attn[layer].o_proj.weight[:, head * head_dim : (head + 1) * head_dim] *= tau
-    setattr(model.config, FOLD_MARK, [[l, h, t] for (l, h), t in coefficients.items()])
+    setattr(model.config, "pear_folded", [[l, h, t] for (l, h), t in coefficients.items()])
     return model
-
-
-# ----------------------------------------------------------------------------- save / load
 
 
 def save_coefficients(path, model, coefficients, **meta) -> Path:
     """Write the coefficients as JSON with the model's id and shape (and any ``meta``)."""
     coefficients = check_coefficients(model, coefficients)
     num_layers, num_heads, head_dim = geometry(model)
-    record = {
-        "model": model_name(model), "model_type": model.config.model_type,
-        "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,
-        "coefficients": [{"layer": l, "head": h, "tau": t} for (l, h), t in coefficients.items()],
-        **meta,
-    }
+    record = {"model": model_name(model), "model_type": model.config.model_type, "num_layers": num_layers,
+              "num_heads": num_heads, "head_dim": head_dim,
+              "coefficients": [{"layer": l, "head": h, "tau": t} for (l, h), t in coefficients.items()], **meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
@@ -283,37 +241,27 @@ def load_coefficients(path, model) -> dict[tuple[int, int], float]:
     return check_coefficients(model, {(c["layer"], c["head"]): c["tau"] for c in record["coefficients"]})
 
 
-# ----------------------------------------------------------------------------- plots
-
-
 def plot_head_scores(result: HeadScores, heads=(), ax=None, title: str | None = None):
     """Heat map of the head scores (layers x heads); chosen ``heads`` boxed."""
-    import matplotlib.pyplot as plt
-
     ax = ax or plt.gca()
-    scores = result.scores
-    limit = float(scores.abs().max()) or 1.0
-    im = ax.imshow(scores.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
+    limit = float(result.scores.abs().max()) or 1.0
+    im = ax.imshow(result.scores.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
     for layer, head in heads:
         ax.add_patch(plt.Rectangle((layer - 0.5, head - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("head")
-    ax.set_title(title or f"head scores ({result.variant}): change of logit(target) - mean logit")
+    ax.set(xlabel="layer", ylabel="head",
+           title=title or f"head scores ({result.variant}): change of logit(target) - mean logit")
     plt.colorbar(im, ax=ax, label="> 0: ablating raises copying")
     return ax
 
 
 def plot_coefficients(history: dict, heads, ax=None):
     """The coefficients tau_h during training, one line per head."""
-    import matplotlib.pyplot as plt
-
     ax = ax or plt.gca()
     tau = torch.tensor(history["tau"])  # (steps + 1, k)
     for i, (layer, head) in enumerate(heads):
         ax.plot(history["step"], tau[:, i], lw=1, label=f"L{layer}H{head}")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("tau")
+    ax.set(xlabel="training step", ylabel="tau")
     ax.grid(alpha=0.3)
     if len(heads) <= 10:
         ax.legend(fontsize=7, ncol=2)
