@@ -1,10 +1,5 @@
 """What the Triton kernels share: the import guard, the interpreter switch, input checks, launch settings.
-
-On a machine without CUDA the kernels run on Triton's CPU interpreter when ``TRITON_INTERPRET=1``
-is set before Triton is imported; there bf16 dots are wrong, so bf16 raises.
-"""
-
-from __future__ import annotations
+Without CUDA they run on Triton's CPU interpreter (``TRITON_INTERPRET=1`` before import; no bf16 there)."""
 
 import contextlib
 
@@ -18,7 +13,6 @@ except ImportError as err:
     raise ImportError(f"minimal.triton_* {TRITON_MISSING}") from err
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e)), the cheaper instruction
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -32,12 +26,11 @@ def interpreter_active() -> bool:
 
 
 def check_kernel_inputs(x: torch.Tensor, module: str, fallback: str) -> None:
-    """What a kernel supports beyond the reference's checks: head_dim in [16, 128], fp16/bf16/fp32,
-    CUDA tensors (or the interpreter). ``module`` and ``fallback`` name the kernel and the PyTorch form."""
-    D = x.shape[-1]
-    if not 16 <= D <= 128:
+    """A kernel's limits beyond the reference's checks: head_dim in [16, 128], fp16/bf16/fp32, CUDA tensors
+    (or the interpreter). ``module`` and ``fallback`` name the kernel and the PyTorch form."""
+    if not 16 <= (D := x.shape[-1]) <= 128:
         raise ValueError(f"head_dim D={D} is not supported by the Triton kernel: it must be in [16, 128]")
-    if x.dtype not in DTYPES:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {x.dtype} is not supported: use float16, bfloat16 or float32")
     check_kernel_dtype(x.dtype, interpreter_active())
     if not interpreter_active() and not x.is_cuda:
@@ -46,17 +39,13 @@ def check_kernel_inputs(x: torch.Tensor, module: str, fallback: str) -> None:
 
 
 def launch_settings(D: int, dtype):
-    """``(blocks, launch)``: plain, untuned block sizes and warps (teaching kernels).
-
-    Under the interpreter small blocks (fast in numpy; tiny tests still cross blocks). On a GPU
-    narrower key blocks when a program holds wide or fp32 tiles, to keep registers moderate.
-    """
+    """``(blocks, launch)``: plain, untuned block sizes and warps. Interpreter: small blocks (fast, and tiny
+    tests still cross blocks); GPU: narrower key blocks for wide or fp32 tiles (registers)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if interpreter_active():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D), {}
-    big = BLOCK_D > 64 or dtype == torch.float32
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=BLOCK_D), dict(num_warps=8 if BLOCK_D > 64 else 4,
-                                                                              num_stages=2)
+    BLOCK_N = 32 if BLOCK_D > 64 or dtype == torch.float32 else 64
+    return dict(BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), dict(num_warps=8 if BLOCK_D > 64 else 4, num_stages=2)
 
 
 def precision(dtype) -> str:

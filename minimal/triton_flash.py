@@ -1,26 +1,17 @@
 """The smallest flash attention: one softmax map, forward only, in Triton.
 
-A teaching kernel for notebook 02, the step before ``minimal/triton_opamp.py`` (which keeps
-two of these online-softmax states in one loop and adds the backward). It computes
+A teaching kernel for notebook 02, the step before ``minimal/triton_opamp.py`` (two of these
+online-softmax states in one loop, plus the backward). It computes
 
     O = softmax(Q K^T s + causal mask) V          q (B, H, T, D), k and v (B, H, S, D)
 
-without ever building the (T, S) score matrix (FlashAttention, Dao et al. 2022; Triton's
-fused-attention tutorial). One program handles BLOCK_M query rows of one (batch, head) and
-streams over the keys BLOCK_N at a time, keeping per row a running max ``m``, a running sum
-``l`` of exp(score - m) and an accumulator ``acc`` of exp(score - m) V. When a new block
-raises the max, what was accumulated is rescaled by exp(m_old - m_new). At the end
-``O = acc / l``.
-
-Kept deliberately small: same number of heads for q, k and v (no GQA), no padding mask, no
-gradient (the output does not require grad), head dim a power of two in [16, 128]. Causal
-is aligned bottom-right as in ``minimal.attention``: query i sees keys j <= i + S - T; a row
-that sees no key outputs 0. fp16, bf16 and fp32 on a GPU (fp32 dots in IEEE precision, not
-TF32); fp32 and fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1, set before this
-module is imported), where bf16 dots are wrong, so bf16 raises there.
+without building the (T, S) scores (FlashAttention, Dao et al. 2022; Triton's fused-attention
+tutorial). A program takes BLOCK_M query rows of one (batch, head) and streams over the keys
+BLOCK_N at a time, keeping per row a running max ``m``, a running sum ``l`` of exp(score - m) and
+``acc`` = sum of exp(score - m) V; a block that raises the max rescales both by exp(m_old - m_new).
+At the end ``O = acc / l``. Kept small: no GQA, no padding mask, no gradient, head dim 16, 32, 64
+or 128; conventions as in ``minimal.attention``, dtypes as in ``minimal.triton_common``.
 """
-
-from __future__ import annotations
 
 import torch
 import triton
@@ -30,7 +21,6 @@ from .attention import check_opamp_inputs
 from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["flash_attention", "interpreter_active"]
-
 
 
 @triton.jit
@@ -79,23 +69,18 @@ def _flash_fwd_kernel(
     tl.store(O + o_idx, o.to(O.dtype.element_ty), mask=rows[:, None] < T)
 
 
-def _check(q, k, v):
-    """The reference's input checks (same heads for q, k, v here: no GQA) plus the kernel's."""
-    check_opamp_inputs(q, k, q, k, v)
-    if q.shape[1] != k.shape[1] or q.shape[-1] not in (16, 32, 64, 128):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: this kernel needs as many key as query heads "
-                         "and head dim 16, 32, 64 or 128")
-    check_kernel_inputs(q, "minimal.triton_flash", "minimal.attention.softmax_attention")
-    return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
-
-
 def flash_attention(q, k, v, causal=True, scale=None):
     """``softmax(Q K^T s + causal mask) V`` in one pass over the keys; forward only.
 
     q (B, H, T, D); k, v (B, H, S, D); D in {16, 32, 64, 128}; returns (B, H, T, D) in the
     dtype of q. ``scale`` defaults to 1/sqrt(D). CUDA tensors, or CPU under TRITON_INTERPRET=1.
     """
-    B, H, T, S, D = _check(q, k, v)
+    check_opamp_inputs(q, k, q, k, v)
+    if q.shape[1] != k.shape[1] or q.shape[-1] not in (16, 32, 64, 128):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: this kernel needs as many key as query heads "
+                         "and head dim 16, 32, 64 or 128")
+    check_kernel_inputs(q, "minimal.triton_flash", "minimal.attention.softmax_attention")
+    (B, H, T, D), S = q.shape, k.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
     o = torch.empty_like(q)  # (B, H, T, D)

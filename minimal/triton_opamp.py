@@ -1,25 +1,18 @@
 """Fused OpAmp attention in Triton: forward and backward, never building the (T, S) maps.
 
-The spec is ``minimal.attention.opamp_attention`` (same signature, same masks, same numbers
-up to rounding); read it first. OpAmp attention (arXiv 2502.12502) is
+The spec is ``minimal.attention.opamp_attention`` (same signature, masks and numbers up to
+rounding; read it first)::
 
     M+ = softmax(Q1 K1^T s + mask),  M- = softmax(Q2 K2^T s + mask)          (B, H, T, S)
     O  = (K (M+ - M-) + (M+ + M-)/2) V = a M+ V - b M- V,   a = K + 1/2,  b = K - 1/2
 
-which is Differential-Transformer attention (arXiv 2410.05258) with lambda = b/a and gain a.
-The kernels follow FlashAttention-2 (Dao, 2023) and Triton's fused-attention tutorial:
-
-forward   one program per (query block, batch*head). It streams over key blocks and keeps
-          TWO online-softmax states (running max m, running sum l, accumulator acc), one per
-          map. Both maps read the same values, so each V tile is loaded once and used twice.
-          At the end: O = a acc1/l1 - b acc2/l2. For the backward it saves each map's
-          log-sum-exp and each map's own output O1 = M+ V, O2 = M- V.
-backward  two kernels that recompute the probabilities from the saved log-sum-exps:
-          one per (key block, batch*KV head) for dK1, dK2, dV (it loops over the query heads
-          of its GQA group, so K/V are never repeated and no atomics are needed), and one per
-          (query block, batch*head) for dQ1, dQ2.
-
-Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
+The kernels follow FlashAttention-2 (Dao, 2023) and Triton's fused-attention tutorial. Forward:
+one program per (query block, batch*head) streams over key blocks keeping TWO online-softmax
+states (as in ``minimal/triton_flash.py``), one per map; each V tile is loaded once for both.
+It saves each map's log-sum-exp and own output O1 = M+ V, O2 = M- V for the backward: two
+kernels that recompute the probabilities, one per (key block, batch*KV head) for dK1, dK2, dV
+(looping over its GQA group: K/V never repeated, no atomics), one per (query block, batch*head)
+for dQ1, dQ2. Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
 
     O      = c1 P1 V + c2 P2 V                      P1 = M+, P2 = M-
     dV     = (c1 P1 + c2 P2)^T dO                   one matmul for both maps
@@ -28,15 +21,9 @@ Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
            = ck Pk * (dO V^T - Dk),  Dk = rowsum(dO * Ok),  Ok = Pk V   (this map's own output)
     dQk    = s dSk Kk,   dKk = s dSk^T Qk           s = the softmax scale
 
-Dk needs each map's own output Ok, not the combined O: rowsum(dO * O) only gives
-c1 D1 + c2 D2. That is why the forward stores O1 and O2 when a gradient will be needed.
-
-Conventions as in the reference (GQA, bottom-right causal, key padding, rows without keys
-output 0); head dims 16..128, any T and S; fp16, bf16, fp32, fp32 accumulation
-(``minimal.triton_common``). Block sizes are plain, untuned choices.
+Dk needs each map's own output Ok, not the combined O: rowsum(dO * O) only gives c1 D1 + c2 D2.
+Conventions as in the reference; dtypes and (untuned) block sizes in ``minimal.triton_common``.
 """
-
-from __future__ import annotations
 
 import torch
 import triton
@@ -46,10 +33,6 @@ from .attention import check_opamp_inputs
 from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["opamp_attention", "interpreter_active"]
-
-
-# ----------------------------------------------------------------------------------------
-# Small device helpers
 
 
 @triton.jit
@@ -66,13 +49,9 @@ def _allowed(rows, cols, b, T, S, PAD, CAUSAL: tl.constexpr, HAS_PAD: tl.constex
 
 @triton.jit
 def _online_softmax_step(q, k, v, m, l, acc, allowed, qk_scale, PRECISION: tl.constexpr):
-    """Fold one key block into a map's running (m, l, acc); returns the new state.
-
+    """Fold one key block into a map's running (m, l, acc), scores in log2 units; returns the new state.
     q (BLOCK_M, BLOCK_D), k and v (BLOCK_N, BLOCK_D), m and l (BLOCK_M,), acc (BLOCK_M, BLOCK_D).
-    Scores are in log2 units (qk_scale = scale * log2(e)). Masked scores are set to -1e30,
-    a finite stand-in for -inf, and their probabilities forced to 0, so a row that has seen
-    no key yet keeps l = 0 and acc = 0 instead of turning into NaN.
-    """
+    Masked scores get -1e30 (a finite -inf) and probability 0: a row with no key yet keeps l = acc = 0."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     s = tl.where(allowed, s, -1.0e30)
     m_new = tl.maximum(m, tl.max(s, 1))  # (BLOCK_M,) new running max
@@ -89,10 +68,6 @@ def _probs(q, k, lse, allowed, qk_scale, PRECISION: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
     s = tl.where(allowed, s, -1.0e30)
     return tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-
-
-# ----------------------------------------------------------------------------------------
-# Forward
 
 
 @triton.jit
@@ -117,12 +92,10 @@ def _opamp_fwd_kernel(
     q2 = tl.load(Q2 + q_idx, mask=q_mask, other=0.0)
 
     # two online-softmax states, one per map
-    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-    l1 = tl.zeros((BLOCK_M,), tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    m2 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-    l2 = tl.zeros((BLOCK_M,), tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max
+    l1 = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # running sum of exp2(score - m) * v
+    m2, l2, acc2 = m1, l1, acc1
 
     # causal: the last row of this block sees keys up to (start_m + BLOCK_M - 1) + S - T
     hi = S
@@ -144,8 +117,7 @@ def _opamp_fwd_kernel(
     l2 = tl.where(l2 == 0.0, 1.0, l2)
     o1 = acc1 / l1[:, None]  # (BLOCK_M, BLOCK_D) = M+ V
     o2 = acc2 / l2[:, None]  # (BLOCK_M, BLOCK_D) = M- V
-    o = gain_plus * o1 - gain_minus * o2
-    tl.store(O + q_idx, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + q_idx, (gain_plus * o1 - gain_minus * o2).to(O.dtype.element_ty), mask=q_mask)
     if SAVE:  # what the backward needs
         tl.store(O1 + q_idx, o1.to(O1.dtype.element_ty), mask=q_mask)
         tl.store(O2 + q_idx, o2.to(O2.dtype.element_ty), mask=q_mask)
@@ -153,12 +125,8 @@ def _opamp_fwd_kernel(
         tl.store(LSE2 + bh * T + rows, m2 + tl.log2(l2), mask=rows < T)
 
 
-# ----------------------------------------------------------------------------------------
-# Backward: dK1, dK2, dV (one program per key block and KV head) ...
-
-
 @triton.jit
-def _opamp_bwd_dkdv_kernel(
+def _opamp_bwd_dkdv_kernel(  # dK1, dK2, dV: one program per (key block, batch*KV head)
     Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,  # D1, D2: (B,H,T) fp32 rowsum(dO * Ok)
     DK1, DK2, DV,  # outputs (B,Hkv,S,D)
     qk_scale, sm_scale, gain_plus, gain_minus,
@@ -178,9 +146,8 @@ def _opamp_bwd_dkdv_kernel(
     k1 = tl.load(K1 + kv_idx, mask=kv_mask, other=0.0)
     k2 = tl.load(K2 + kv_idx, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_idx, mask=kv_mask, other=0.0)
-    dk1 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dk2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dk1 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # fp32 accumulators
+    dk2, dv = dk1, dk1
 
     # causal: query i sees key j iff i >= j - (S - T), so earlier rows can be skipped
     lo = 0
@@ -205,8 +172,7 @@ def _opamp_bwd_dkdv_kernel(
             p2 = _probs(q2, k2, lse2, allowed, qk_scale, PRECISION)
             dov = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO V^T, shared
 
-            # dV += (a P1 - b P2)^T dO
-            p = gain_plus * p1 - gain_minus * p2
+            p = gain_plus * p1 - gain_minus * p2  # dV += (a P1 - b P2)^T dO
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             # dS1 = a P1 (dO V^T - D1),  dS2 = -b P2 (dO V^T - D2);  dK += dS^T Q
             ds1 = gain_plus * p1 * (dov - d1[:, None])
@@ -219,11 +185,8 @@ def _opamp_bwd_dkdv_kernel(
     tl.store(DV + kv_idx, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-# ... and dQ1, dQ2 (one program per query block and head, like the forward)
-
-
 @triton.jit
-def _opamp_bwd_dq_kernel(
+def _opamp_bwd_dq_kernel(  # dQ1, dQ2: one program per (query block, batch*head), like the forward
     Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,
     DQ1, DQ2,  # outputs (B,H,T,D)
     qk_scale, sm_scale, gain_plus, gain_minus,
@@ -274,21 +237,15 @@ def _opamp_bwd_dq_kernel(
     tl.store(DQ2 + q_idx, (dq2 * sm_scale).to(DQ2.dtype.element_ty), mask=q_mask)
 
 
-# ----------------------------------------------------------------------------------------
-# Python side: checks, launch settings, the autograd.Function
-
-
 class _OpAmpAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1, k1, q2, k2, v, K, causal, key_padding_mask, scale, save):
-        B, H, T, D = q1.shape
-        Hkv, S = k1.shape[1], k1.shape[2]
+        (B, H, T, D), (Hkv, S) = q1.shape, k1.shape[1:3]
         q1, k1, q2, k2, v = (t.contiguous() for t in (q1, k1, q2, k2, v))
         pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
         scale = D**-0.5 if scale is None else float(scale)
         a, b = float(K) + 0.5, float(K) - 0.5
         blocks, launch = launch_settings(D, q1.dtype)
-        dot_precision = precision(q1.dtype)
 
         o = torch.empty_like(q1)  # (B, H, T, D)
         o1 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M+ V
@@ -297,17 +254,13 @@ class _OpAmpAttention(torch.autograd.Function):
         lse2 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
         grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)
         with on_device(q1):
-            _opamp_fwd_kernel[grid](
-                q1, k1, q2, k2, v, pad if pad is not None else q1,
-                o, o1, o2, lse1, lse2,
-                scale * LOG2E, a, b,
-                H, H // Hkv, T, S, D,
-                CAUSAL=bool(causal), HAS_PAD=pad is not None, SAVE=bool(save), PRECISION=dot_precision,
-                **blocks, **launch,
-            )
+            _opamp_fwd_kernel[grid](q1, k1, q2, k2, v, pad if pad is not None else q1, o, o1, o2, lse1, lse2,
+                                    scale * LOG2E, a, b, H, H // Hkv, T, S, D,
+                                    CAUSAL=bool(causal), HAS_PAD=pad is not None, SAVE=bool(save),
+                                    PRECISION=precision(q1.dtype), **blocks, **launch)
         if save:
             ctx.save_for_backward(q1, k1, q2, k2, v, o1, o2, lse1, lse2, pad)
-            ctx.args = (scale, a, b, bool(causal), blocks, launch, dot_precision)
+            ctx.args = (scale, a, b, bool(causal), blocks, launch, precision(q1.dtype))
         return o
 
     @staticmethod
@@ -315,8 +268,7 @@ class _OpAmpAttention(torch.autograd.Function):
     def backward(ctx, do):
         q1, k1, q2, k2, v, o1, o2, lse1, lse2, pad = ctx.saved_tensors
         scale, a, b, causal, blocks, launch, precision = ctx.args
-        B, H, T, D = q1.shape
-        Hkv, S = k1.shape[1], k1.shape[2]
+        (B, H, T, D), (Hkv, S) = q1.shape, k1.shape[1:3]
         do = do.contiguous()
 
         # per-map "delta" of the softmax backward: Dk = rowsum(dO * Ok), (B, H, T) fp32
@@ -337,12 +289,8 @@ class _OpAmpAttention(torch.autograd.Function):
 
 
 def opamp_attention(q1, k1, q2, k2, v, K=10.0, causal=True, key_padding_mask=None, scale=None):
-    """Fused OpAmp attention; same signature and semantics as
-    ``minimal.attention.opamp_attention`` (the spec), differentiable in q1, k1, q2, k2, v.
-
-    q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D); returns (B, H, T, D) in the input dtype.
-    Needs CUDA tensors, or TRITON_INTERPRET=1 (fp32/fp16 only) on CPU; head_dim in [16, 128].
-    """
+    """Fused ``minimal.attention.opamp_attention`` (same signature), differentiable in q1, k1, q2, k2, v:
+    q1, q2 (B, H, T, D); k1, k2, v (B, Hkv, S, D) -> (B, H, T, D) in the input dtype."""
     check_opamp_inputs(q1, k1, q2, k2, v, K, key_padding_mask)
     check_kernel_inputs(q1, "minimal.triton_opamp", "minimal.attention.opamp_attention")
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, q2, k2, v))
