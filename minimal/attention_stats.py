@@ -1,18 +1,11 @@
 """How attention mass is spread, and perplexity on a text.
 
-The framing of Scaled ReAttention (Gao et al., arXiv 2307.13365): in a row of attention
-probabilities a few large scores carry most of the mass ("linchpins", p > 0.05), a middle band
-holds useful signal ("hidden gems", 0.01 <= p <= 0.05), and the many tiny scores ("small
-potatoes", p < 0.01) can be dropped with little loss. Here we measure that on a small model:
-
-- ``attention_statistics``: per layer, the share of attention entries (and of mass) in each
-  band and the sparsity at thresholds, over the causal entries of real tokens, a block of
-  query rows at a time (memory O(rows x T)).
-- ``elimination_curve``: perplexity and QA accuracy with the probabilities below tau dropped
-  (``minimal.eliminate``).
-- ``token_nll`` / ``perplexity`` on the shipped text (``load_text``): facts about people, then
-  questions and answers about them (``make_fact_text``), so the answer tokens measure
-  retrieval from far back in the text.
+Scaled ReAttention (Gao et al., arXiv 2307.13365) sorts a row's probabilities into bands: a few
+"linchpins" (p > 0.05) carry most of the mass, "hidden gems" (0.01 <= p <= 0.05) useful signal,
+and the many "small potatoes" (p < 0.01) can be dropped with little loss. We measure that on a
+small model (``attention_statistics``), drop them (``elimination_curve``, ``minimal.eliminate``),
+and score perplexity on the shipped text (``load_text``): facts about people, then questions and
+answers about them, so the answer tokens measure retrieval from far back in the text.
 """
 
 from __future__ import annotations
@@ -26,33 +19,17 @@ from . import data, hooks
 from .attention import row_blocks
 from .eliminate import eliminate
 
-__all__ = [
-    "BANDS",
-    "AttentionStatistics",
-    "attention_statistics",
-    "elimination_curve",
-    "token_nll",
-    "perplexity",
-    "make_fact_text",
-    "load_text",
-    "answer_token_mask",
-]
+__all__ = ["BANDS", "AttentionStatistics", "attention_statistics", "elimination_curve", "token_nll", "perplexity",
+           "make_fact_text", "load_text", "answer_token_mask"]
 
 TEXT_DIR = data.DATA_DIR / "text"
 BANDS = {"small potatoes": "p < 0.01", "hidden gems": "0.01 <= p <= 0.05", "linchpins": "p > 0.05"}
 GEM_LOW, GEM_HIGH = 0.01, 0.05
 
 
-# ----------------------------------------------------------------------------------------
-# Statistics of the attention map
-
-
 class AttentionStatistics:
-    """Per-layer counts of attention probabilities by band, filled during one prefill.
-
-    A hooks capture: it reads the map the layer really used (a calibration's ``probs`` if it
-    has one) and changes nothing. Only the first call per layer is counted (the prefill).
-    """
+    """A capture: per layer, counts and mass of the probabilities in each band, over the causal entries
+    of real tokens of the map the layer used (a calibration's ``probs``), first call (prefill) only."""
 
     slot = "capture"
 
@@ -105,29 +82,18 @@ class AttentionStatistics:
 
 @torch.no_grad()
 def attention_statistics(model, input_ids, attention_mask=None, thresholds=(1e-3,), block_rows: int = 128):
-    """Run one forward pass and return ``AttentionStatistics.table()``: one dict per layer.
-
-    input_ids (B, T) (left-padded if B > 1, with attention_mask). Whatever calibration the
-    layers carry stays in place and is what is measured.
-    """
+    """One forward pass of input_ids (B, T) (left-padded, with attention_mask, if B > 1) -> one dict per layer
+    (``AttentionStatistics.table()``), a block of query rows at a time; the layers' calibrations are measured."""
     with hooks.attach(model, AttentionStatistics(thresholds, block_rows)) as stats:
         model(input_ids=input_ids, attention_mask=attention_mask)
     return stats.table()
 
 
-# ----------------------------------------------------------------------------------------
-# The elimination experiment
-
-
 def elimination_curve(model, tokenizer, taus, *, text_ids, answer_mask=None, examples=(), renormalize: bool = False,
                       batch_size: int = 8, max_new_tokens: int = 20, progress: bool = True) -> list[dict]:
-    """For each tau: perplexity on a text and QA accuracy with probabilities below tau zeroed.
-
-    text_ids (T,): the text; answer_mask (T-1,): the tokens whose perplexity is also reported
-    alone (``answer_token_mask``); examples: noisy-QA examples, scored with the lenient rule;
-    renormalize: see ``Eliminate``. Returns one dict per tau: ppl, answer_ppl, n, correct,
-    accuracy, low, high (Wilson 95%), and by_noise (``evaluate.accuracy_grid`` by noise ratio).
-    """
+    """For each tau, perplexity on text_ids (T,) (also on the answer_mask (T-1,) tokens alone) and lenient
+    QA accuracy on ``examples`` with probabilities below tau zeroed: one dict per tau (ppl, answer_ppl, n,
+    correct, accuracy, low, high: Wilson 95%, by_noise: ``evaluate.accuracy_grid`` by noise ratio)."""
     from tqdm.auto import tqdm
 
     from .evaluate import accuracy_grid, evaluate, wilson_interval
@@ -151,16 +117,9 @@ def elimination_curve(model, tokenizer, taus, *, text_ids, answer_mask=None, exa
     return rows
 
 
-# ----------------------------------------------------------------------------------------
-# Perplexity on a text
-
-
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of tokens 1..T-1 given the tokens before: (T-1,) fp32.
-
-    input_ids: (T,) or (1, T).
-    """
+    """Negative log-likelihood of tokens 1..T-1 given the tokens before: input_ids (T,) or (1, T) -> (T-1,)."""
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V)
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").cpu()
@@ -174,17 +133,9 @@ def perplexity(nll: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     return math.exp(nll.mean().item())
 
 
-# ----------------------------------------------------------------------------------------
-# The shipped text
-
-
 def make_fact_text(n_examples: int = 24, num_distractors: int = 7, seed: int = 0) -> str:
-    """A text made by ``minimal.data.generate`` (train split): every example's documents as one
-    list of facts, then each example's question and answer ("Q: ...", "A: ...").
-
-    An example whose asked-about person appears in another example's facts is left out, so
-    every question has one answer in the text.
-    """
+    """Every ``data.generate`` (train) example's documents as one list of facts, then each question and
+    answer ("Q: ...", "A: ..."), leaving out questions whose person has facts in two examples."""
     examples = data.generate(n_examples, num_distractors=num_distractors, gold_position="random",
                              split="train", seed=seed)
     facts = [doc for ex in examples for doc in ex["documents"]]
@@ -206,22 +157,12 @@ def load_text(name: str = "facts_qa") -> str:
 
 
 def answer_token_mask(tokenizer, text: str, last_tokens: int | None = None):
-    """Tokenize ``text`` and mark the answer tokens (the value after each "A: ").
-
-    last_tokens: keep only the end of the text (the questions come last). Returns
-    (input_ids (T,), mask (T-1,)) where mask[i] says whether token i+1 (the one predicted at
-    position i, as in ``token_nll``) belongs to an answer.
-    """
+    """Tokenize ``text`` (its ``last_tokens`` only, if given) -> (input_ids (T,), mask (T-1,)), mask[i] True
+    when token i+1 (predicted at position i, as in ``token_nll``) is in an answer (after "A: ")."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if last_tokens is not None:
         ids, offsets = ids[-last_tokens:], offsets[-last_tokens:]
-    spans, pos = [], 0
-    while (start := text.find("\nA: ", pos)) >= 0:
-        a = start + len("\nA: ")
-        b = text.find("\n", a)
-        b = len(text) if b < 0 else b
-        spans.append((a, b))
-        pos = b
+    spans = [m.span(1) for m in re.finditer(r"\nA: ([^\n]*)", text)]
     is_answer = [any(s < e_ and e > s_ for s_, e_ in spans) for s, e in offsets]
     return torch.tensor(ids, dtype=torch.long), torch.tensor(is_answer[1:], dtype=torch.bool)
