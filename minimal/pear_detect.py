@@ -1,9 +1,6 @@
-"""PEAR's detection (arXiv 2409.19745): which heads hold copying back?
-
-Replace a head's output at the final position of a copy sequence ``x1..xn x1..xn`` by its
-batch mean and measure how ``logit(target) - mean logit`` changes. Heads whose removal *raises*
-the copy logit suppress copying; ``minimal.pear`` re-weights the top-k of them. A head's output
-is the slice ``x_h`` of ``o_proj``'s input, ``o_proj(x) = sum_h W_O[:, hD:(h+1)D] x_h``.
+"""PEAR's detection (arXiv 2409.19745): which heads hold copying back? Mean-ablate a head's output ``x_h``
+(its slice of ``o_proj``'s input, see ``minimal.pear``) at the final position of ``x1..xn x1..xn`` and
+measure the change of ``logit(target) - mean logit``: heads whose removal *raises* it suppress copying.
 Tags: [paper] stated in the paper, [code] the authors' public code, [choice] this project's.
 """
 
@@ -19,9 +16,6 @@ from tqdm.auto import tqdm
 from .hooks import attention_modules
 
 VARIANTS = ("mean", "path")
-
-
-# ----------------------------------------------------------------------------- model geometry
 
 
 def geometry(model) -> tuple[int, int, int]:
@@ -53,9 +47,6 @@ def check_coefficients(model, coefficients) -> dict[tuple[int, int], float]:
     return {pair: float(tau) for pair, tau in coefficients.items()}
 
 
-# ----------------------------------------------------------------------------- detection
-
-
 @dataclass
 class HeadScores:
     """Detection result. ``scores[l, h]``: mean change of ``logit(target) - mean logit`` at the
@@ -70,11 +61,8 @@ class HeadScores:
 
 
 def copy_scorer(model):
-    """A function ``(hidden (R, d), target (R,)) -> (R,)``: ``logit(target) - mean logit``.
-
-    The unembedding is linear, so this is ``h . (W_U[target] - mean_v W_U[v])`` (+ the bias
-    difference): no need to build the ``(R, vocab)`` logits. The mean row is computed once.
-    """
+    """A function ``(hidden (R, d), target (R,)) -> (R,)``: ``logit(target) - mean logit``, which for a linear
+    unembedding is ``h . (W_U[target] - mean_v W_U[v])`` (+ the bias difference): no ``(R, vocab)`` logits."""
     head = model.get_output_embeddings()
     w = head.weight  # (V, d)
     w_mean = w.mean(0)  # (d,)
@@ -99,15 +87,14 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
 
         score[l, h] = mean_b [ s_ablated(b) - s_clean(b) ],   s = logit(target) - mean logit
 
-    averaged over the settings. Ablating the final position changes no earlier one (causal
-    attention), so only the final position is recomputed. Two variants [choice]:
+    averaged over the settings. Only the final position is recomputed (causal: no earlier one changes).
+    Two variants [choice]:
 
-    - ``"path"`` (path patching, the authors' choice [code]): later heads are frozen to the clean
-      run, so the head reaches the logits only through the residual stream, MLPs and norms.
-      With ``h_j``, ``a_j`` the clean residual into layer ``j`` and its attention output,
-      ablating ``(l, h)`` adds ``W_O[:, hD:(h+1)D] (mean_h - x_h)`` to ``a_l``, then
-      ``h_{j+1} = m_j + MLP_j(norm_j(m_j))``, ``m_j = h_j + a_j``, for ``j >= l``: no attention
-      at all, all heads and samples at once.
+    - ``"path"`` (path patching, the authors' choice [code]): later heads frozen to the clean run, the
+      head reaches the logits only through the residual stream, MLPs and norms. With ``h_j``, ``a_j``
+      the clean residual into layer ``j`` and its attention output, ablating ``(l, h)`` adds
+      ``W_O[:, hD:(h+1)D] (mean_h - x_h)`` to ``a_l``, then ``h_{j+1} = m_j + MLP_j(norm_j(m_j))``,
+      ``m_j = h_j + a_j``, for ``j >= l``: no attention at all, all heads and samples at once.
     - ``"mean"``: plain mean ablation, propagated everywhere. The prefix runs once into a KV
       cache; the last token re-runs against copies of it, row ``b*H + g`` = sample ``b`` with
       head ``g`` ablated, ``max_rows`` rows a forward: ``L * H * samples`` one-token forwards.
@@ -116,15 +103,13 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
         raise ValueError(f"variant={variant!r}: choose one of {', '.join(map(repr, VARIANTS))}")
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: need at least 1")
-    num_layers, num_heads, head_dim = geometry(model)
+    num_layers, _, _ = geometry(model)
     device = next(model.parameters()).device
-    score = copy_scorer(model)
+    score, run = copy_scorer(model), _path_scores if variant == "path" else _mean_scores
     per_setting, clean_scores = [], []
     bar = tqdm(total=len(dataset) * num_layers, desc=f"head scores ({variant})", disable=not progress)
     for ids in dataset:
-        ids = ids.to(device)
-        run = _path_scores if variant == "path" else _mean_scores
-        scores, clean = run(model, ids, score, max_rows, bar)
+        scores, clean = run(model, ids.to(device), score, max_rows, bar)
         per_setting.append(scores.cpu())
         clean_scores.append(clean.mean().item())
     bar.close()
@@ -134,38 +119,25 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
 
 
 def _clean_final_position(model, ids, past_key_values=None):
-    """One clean forward of ``ids``; at the final position, per layer: the residual entering
-    the layer ``h (B, d)``, the heads ``x (B, H*D)`` (o_proj's input), the attention output
-    ``a (B, d)``; and the final hidden state ``(B, d)``."""
-    layers = model.base_model.layers
-    h, x, a = {}, {}, {}
+    """One clean forward of ``ids``; at the final position, per layer: the residual entering it ``h (B, d)``
+    and the heads ``x (B, H*D)`` (o_proj's input; o_proj(x) is the attention output); and the final state."""
+    h, x = {}, {}
 
-    def layer_in(i):
-        def hook(module, args, kwargs):
-            h[i] = (args[0] if args else kwargs["hidden_states"])[:, -1]
-        return hook
-
-    def heads_in(i):
-        def hook(module, args):
-            x[i] = args[0][:, -1]
-        return hook
-
-    def attn_out(i):
-        def hook(module, args, output):
-            a[i] = output[0][:, -1]
+    def keep(store, i):
+        def hook(module, args, kwargs=None):
+            store[i] = (args[0] if args else kwargs["hidden_states"])[:, -1]
         return hook
 
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(layer_in(i), with_kwargs=True))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_in(i)))
-        handles.append(layer.self_attn.register_forward_hook(attn_out(i)))
+    for i, layer in enumerate(model.base_model.layers):
+        handles.append(layer.register_forward_pre_hook(keep(h, i), with_kwargs=True))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(keep(x, i)))
     try:
         final = model.base_model(ids, past_key_values=past_key_values).last_hidden_state[:, -1]
     finally:
         for handle in handles:
             handle.remove()
-    return h, x, a, final
+    return h, x, final
 
 
 def _path_scores(model, ids, score, max_rows, bar):
@@ -175,21 +147,20 @@ def _path_scores(model, ids, score, max_rows, bar):
         if not (hasattr(layer, "post_attention_layernorm") and hasattr(layer, "mlp")):
             raise ValueError("variant='path' needs Llama-style decoder layers (post_attention_layernorm, mlp)")
     num_layers, num_heads, head_dim = geometry(model)
-    target = ids[:, -1]
-    h, x, a, final = _clean_final_position(model, ids[:, :-1])
+    batch, target = ids.shape[0], ids[:, -1]
+    h, x, final = _clean_final_position(model, ids[:, :-1])
+    a = [layer.self_attn.o_proj(x[j]) for j, layer in enumerate(layers)]  # (B, d) the attention outputs
     clean = score(final, target)  # (B,)
-    batch = ids.shape[0]
     scores = torch.zeros(num_layers, num_heads, device=ids.device)
     for l in range(num_layers):
         heads = x[l].view(batch, num_heads, head_dim)  # (B, H, D)
         change = heads.mean(0) - heads  # (B, H, D): mean_h - x_h
         w = layers[l].self_attn.o_proj.weight.view(-1, num_heads, head_dim)  # (d, H, D)
         delta = torch.einsum("bhe,dhe->bhd", change, w)  # (B, H, d): each head's change through W_O
-        resid = (h[l] + a[l])[:, None] + delta  # (B, H, d) residual after layer l's attention
+        resid = h[l][:, None] + delta  # (B, H, d): the residual into layer l, plus the head's change
         for j in range(l, num_layers):
-            if j > l:
-                resid = resid + a[j][:, None]  # later attention: frozen to the clean run
-            resid = resid + layers[j].mlp(layers[j].post_attention_layernorm(resid))
+            resid = resid + a[j][:, None]  # m_j: attention frozen to the clean run
+            resid = resid + layers[j].mlp(layers[j].post_attention_layernorm(resid))  # h_{j+1}
         hidden = model.base_model.norm(resid)  # (B, H, d)
         scores[l] = (score(hidden.flatten(0, 1), target.repeat_interleave(num_heads)).view(batch, num_heads)
                      - clean[:, None]).mean(0)
@@ -204,19 +175,24 @@ def _mean_scores(model, ids, score, max_rows, bar):
     batch = ids.shape[0]
     prefix, last, target = ids[:, :-2], ids[:, -2:-1], ids[:, -1]
     cache = model.base_model(prefix, use_cache=True).past_key_values
-    _, x, _, final = _clean_final_position(model, last, past_key_values=copy.deepcopy(cache))
+    _, x, final = _clean_final_position(model, last, past_key_values=copy.deepcopy(cache))
     clean = score(final, target)  # (B,)
     scores = torch.zeros(num_layers, num_heads, device=ids.device)
     chunk = max(1, max_rows // num_heads)  # samples per forward
     eye = torch.eye(num_heads, dtype=torch.bool, device=ids.device)  # eye[g, h]: row g ablates head h
     for l in range(num_layers):
         mean = x[l].mean(0).view(num_heads, head_dim)  # (H, D), the batch mean
+
+        def ablate(module, args):  # o_proj's input (b*H, 1, H*D): in row b*H + g, head g := its mean
+            heads = args[0].view(-1, num_heads, num_heads, head_dim)  # (b, g, h, D)
+            return (torch.where(eye[None, :, :, None], mean.to(heads.dtype), heads).view(args[0].shape),)
+
         total = torch.zeros(num_heads, device=ids.device)
         for b0 in range(0, batch, chunk):
             rows = torch.arange(b0, min(b0 + chunk, batch), device=ids.device).repeat_interleave(num_heads)
             sub = copy.deepcopy(cache)
             sub.batch_select_indices(rows)  # (R = b*H) copies of the samples' prefix
-            handle = attn[l].o_proj.register_forward_pre_hook(_mean_ablation(mean, eye))
+            handle = attn[l].o_proj.register_forward_pre_hook(ablate)
             try:
                 hidden = model.base_model(last[rows], past_key_values=sub).last_hidden_state[:, -1]
             finally:
@@ -227,19 +203,6 @@ def _mean_scores(model, ids, score, max_rows, bar):
     return scores, clean
 
 
-def _mean_ablation(mean: torch.Tensor, eye: torch.Tensor):
-    """o_proj pre-hook: in row ``b*H + g``, head ``g``'s output at the final position := ``mean[g]``."""
-    num_heads, head_dim = mean.shape
-
-    def pre(module, args):
-        x = args[0]  # (R, 1, H*D)
-        heads = x[:, -1].view(-1, num_heads, num_heads, head_dim)  # (b, g, h, D)
-        heads = torch.where(eye[None, :, :, None], mean.to(x.dtype), heads)
-        return (torch.cat([x[:, :-1], heads.reshape(x.shape[0], 1, -1)], dim=1), *args[1:])
-
-    return pre
-
-
 def top_heads(scores, k: int) -> list[tuple[int, int]]:
     """The ``k`` heads with the largest scores (ablating them raises the copy logit most),
     as ``(layer, head)`` pairs, best first. ``scores``: ``(L, H)`` tensor or a HeadScores."""
@@ -248,8 +211,5 @@ def top_heads(scores, k: int) -> list[tuple[int, int]]:
         raise ValueError(f"scores must be (layers, heads), got shape {tuple(scores.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.numel():
         raise ValueError(f"k={k!r}: choose an integer from 1 to the number of heads ({scores.numel()})")
-    flat = scores.flatten().topk(k).indices
     num_heads = scores.shape[1]
-    return [(int(i) // num_heads, int(i) % num_heads) for i in flat]
-
-
+    return [(int(i) // num_heads, int(i) % num_heads) for i in scores.flatten().topk(k).indices]
