@@ -49,7 +49,7 @@ class AttentionStatistics:
             return
         probs_fn = getattr(getattr(module, "calibration", None), "probs", None) or hooks.layer_probs
         allowed_all = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
-        selections = {"all": lambda p: p >= 0, "potatoes": lambda p: p < GEM_LOW,
+        selections = {"all": lambda p: torch.ones_like(p, dtype=torch.bool), "potatoes": lambda p: p < GEM_LOW,
                       "gems": lambda p: (p >= GEM_LOW) & (p <= GEM_HIGH), "linchpins": lambda p: p > GEM_HIGH,
                       **{t: (lambda p, t=t: p < t) for t in self.thresholds}}
         c = {name: [0, 0.0] for name in selections}  # [entries, mass] per selection

@@ -9,6 +9,7 @@ from .profiles import TRITON_MISSING, check_kernel_dtype
 
 try:
     import triton
+    import triton.language as tl  # noqa: F401  (re-exported: the kernel modules import both from here)
 except ImportError as err:
     raise ImportError(f"minimal.triton_* {TRITON_MISSING}") from err
 

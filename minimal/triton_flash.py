@@ -14,11 +14,11 @@ or 128; conventions as in ``minimal.attention``, dtypes as in ``minimal.triton_c
 """
 
 import torch
-import triton
-import triton.language as tl
 
+from .triton_common import (  # the import guard: without Triton, an ImportError saying how to install it
+    LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision, tl, triton,
+)
 from .attention import check_opamp_inputs
-from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
 
 __all__ = ["flash_attention", "interpreter_active"]
 

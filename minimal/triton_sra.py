@@ -15,13 +15,11 @@ real tokens (left padding); a row that sees no key outputs 0. Head dims 16..128;
 (TRITON_INTERPRET=1, set before import) fp32 and fp16 only (``minimal.triton_common``).
 """
 
-from __future__ import annotations
-
 import torch
-import triton
-import triton.language as tl
 
-from .triton_common import LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision
+from .triton_common import (  # the import guard: without Triton, an ImportError saying how to install it
+    LOG2E, check_kernel_inputs, interpreter_active, launch_settings, on_device, precision, tl, triton,
+)
 
 __all__ = ["sra_rows", "interpreter_active"]
 
