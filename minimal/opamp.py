@@ -48,8 +48,9 @@ class Adapter(nn.Module):
     def __init__(self, dim: int, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.w_down = nn.Linear(dim, hidden, bias=False)  # nn.Linear's own Kaiming-uniform init
+        self.w_down = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(hidden, dim, bias=False)
+        nn.init.kaiming_uniform_(self.w_down.weight, a=math.sqrt(5))  # drawn after w_up: seeds give the shipped weights
         nn.init.zeros_(self.w_up.weight)
 
     def forward(self, x):
