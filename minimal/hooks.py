@@ -1,18 +1,17 @@
 """One way to put a method on a model and take it off.
 
-We register an attention function, ``"minimal"``, with transformers; every layer's ``self_attn``
-calls it with the RoPE-rotated queries and keys, and it dispatches on two attributes of the layer:
-``calibration`` changes attention (OpAmp, SRA, ``Eliminate``; absent: transformers' SDPA, the stock
-model bit for bit), ``capture`` reads the map the layer used. A method has ``slot = "calibration"``
-or ``"capture"`` and::
+The attention function ``"minimal"``, registered with transformers, gets every layer's RoPE-rotated queries
+and keys and dispatches on two attributes of the layer: ``calibration`` changes attention (OpAmp, SRA,
+``Eliminate``; absent: transformers' SDPA, the stock model bit for bit), ``capture`` reads the map the
+layer used. A method has ``slot = "calibration"`` or ``"capture"`` and::
 
     method(module, query, key, value, attention_mask, scaling) -> (B, H, T, D), or None for plain SDPA
     method.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional: its map
     capture.record(module, query, key, attention_mask, scaling)
         query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask bool (B, 1, T, S) or None
 
-``attach(model, method)`` puts it on and returns a handle (``remove()`` it, or use ``with``); an
-``nn.Module`` method becomes a submodule of its layer. ``minimal/eliminate.py`` is the template method.
+``attach(model, method)`` returns a handle (``remove()`` it, or use ``with``); an ``nn.Module`` method
+becomes a submodule of its layer. ``minimal/eliminate.py`` is the template method.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ def minimal_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError(f"{type(method).__name__} runs without attention dropout; the model asks for {dropout}")
     out = None if method is None else method(module, query, key, value, attention_mask, scaling)
     if out is None:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, **kwargs)  # (B, T, H, D)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     else:
         out = out.transpose(1, 2).contiguous()  # (B, H, T, D) -> (B, T, H, D), what the layer expects
     if (capture := getattr(module, "capture", None)) is not None:
@@ -55,9 +53,8 @@ def attention_modules(model) -> list[torch.nn.Module]:
     found = [m for m in model.modules()
              if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"))]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no attention module the minimal hook understands "
-                         "(expected Llama-style self_attn with q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx; "
-                         "supported families: llama, qwen2, mistral)")
+        raise ValueError(f"{type(model).__name__} has no attention module the minimal hook understands (Llama-style "
+                         "self_attn with q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx: llama, qwen2, mistral)")
     return sorted(found, key=lambda m: m.layer_idx)
 
 
@@ -73,7 +70,6 @@ def install(model) -> list[torch.nn.Module]:
             # generate() drops the mask when nothing is padded; its calls carry a cache: no mask = no padding
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             state.mask_given = mask is not None or kwargs.get("past_key_values") is not None
-
         model._minimal_call = (state, model.register_forward_pre_hook(note_mask, with_kwargs=True))
         for m in modules:
             m._minimal_call = state
@@ -88,9 +84,8 @@ def mask_given(module) -> bool | None:
 def uninstall(model) -> None:
     """Back to stock SDPA attention: every method detached, the pre-hook removed."""
     for m in attention_modules(model):
-        for name in (*SLOTS, "_minimal_call"):
-            if name in vars(m) or name in m._modules:
-                delattr(m, name)
+        for name in [n for n in (*SLOTS, "_minimal_call") if hasattr(m, n)]:
+            delattr(m, name)
     if (call := vars(model).pop("_minimal_call", None)) is not None:
         call[1].remove()  # the pre-hook
     model.set_attn_implementation("sdpa")
@@ -121,9 +116,8 @@ def attach(model, method, layers=None) -> Attached:
     per_layer = method if isinstance(method, dict) else dict.fromkeys(check_layers(layers, len(modules)), method)
     placed = {modules[i]: per_layer[i] for i in check_layers(list(per_layer), len(modules))}
     for m, meth in placed.items():
-        if (other := getattr(m, meth.slot, None)) is not None:
-            raise ValueError(f"layer {m.layer_idx} already carries {type(other).__name__} as its {meth.slot}; "
-                             "remove it first")
+        if (old := getattr(m, meth.slot, None)) is not None:
+            raise ValueError(f"layer {m.layer_idx} already carries {type(old).__name__} as its {meth.slot}; remove it")
     for m, meth in placed.items():
         setattr(m, meth.slot, meth)
     return Attached(model, placed, method)
@@ -142,9 +136,8 @@ def check_layers(layers, n: int) -> list[int]:
 def detach(model, kind) -> None:
     """Take every method of class ``kind`` off the model (the hook stays installed)."""
     for m in attention_modules(model):
-        for slot in SLOTS:
-            if isinstance(getattr(m, slot, None), kind):
-                delattr(m, slot)
+        for slot in [s for s in SLOTS if isinstance(getattr(m, s, None), kind)]:
+            delattr(m, slot)
 
 
 def attached(model, kind) -> dict[int, object]:
@@ -164,8 +157,7 @@ def boolean_mask(attention_mask, q_len: int, kv_len: int, device) -> torch.Tenso
 
 
 def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> torch.Tensor:
-    """The layer's plain softmax map for query ``rows`` (default all): query (B, H, T, D), key (B, Hkv, S, D),
-    the HF mask -> (B, H, R, S) fp32, memory O(R * S)."""
+    """The plain softmax map of query ``rows`` (default all) under the HF mask: (B, H, R, S) fp32, O(R * S) memory."""
     T, S = query.shape[2], key.shape[2]
     rows = torch.arange(T, device=query.device) if rows is None else rows
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -174,11 +166,9 @@ def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> 
 
 
 class AttentionCapture:
-    """Records each layer's attention during its first call (the prefill, not decoding).
-
-    full=True keeps ``maps[layer]`` (B, H, T, S). spans: per batch item a list of ``(start, end)``
-    token spans; ``span_mass[layer]`` (B, H, n_spans) is the mass the query ``rows`` (default the
-    last one) put on each span, in O(rows * S) memory."""
+    """Records each layer's attention during its first call (the prefill, not decoding): full=True keeps
+    ``maps[layer]`` (B, H, T, S); ``spans`` (per batch item a list of ``(start, end)``) gives ``span_mass[layer]``
+    (B, H, n_spans), the mass the query ``rows`` (default the last) put on each span, in O(rows * S) memory."""
 
     slot = "capture"
 
@@ -186,8 +176,7 @@ class AttentionCapture:
         if spans is None and not full:
             raise ValueError("capture_attention needs spans=[...] (reduced statistics) or full=True (whole maps)")
         self.spans, self.rows, self.full, self.max_full_tokens = spans, rows, full, max_full_tokens
-        self.maps: dict[int, torch.Tensor] = {}
-        self.span_mass: dict[int, torch.Tensor] = {}
+        self.maps, self.span_mass = {}, {}  # {layer: tensor}
 
     @torch.no_grad()
     def record(self, module, query, key, attention_mask, scaling):
@@ -213,8 +202,7 @@ class AttentionCapture:
 def span_mass(probs: torch.Tensor, spans) -> torch.Tensor:
     """Mass on each span, averaged over query rows: probs (B, H, R, S), spans per batch item a list
     of (start, end) -> (B, H, n_spans), NaN where an item has fewer spans than the longest list."""
-    B, H = probs.shape[:2]
-    out = torch.full((B, H, max(len(s) for s in spans)), float("nan"), device=probs.device)
+    out = torch.full((*probs.shape[:2], max(map(len, spans))), float("nan"), device=probs.device)  # (B, H, n)
     for b, item_spans in enumerate(spans):
         for i, (s, e) in enumerate(item_spans):
             out[b, :, i] = probs[b, :, :, s:e].sum(-1).mean(-1)
@@ -222,9 +210,6 @@ def span_mass(probs: torch.Tensor, spans) -> torch.Tensor:
 
 
 def capture_attention(model, *, spans=None, rows=None, full=False, layers=None, max_full_tokens=2048) -> Attached:
-    """Record attention during the forward passes run inside the ``with`` block.
-
-    >>> with capture_attention(model, spans=[doc_spans]) as cap:
-    ...     model(input_ids)            # then cap.stacked_span_mass() is (L, B, H, n_docs)
-    """
+    """Record attention in the ``with`` block's forward passes: ``with capture_attention(model, spans=[doc_spans])
+    as cap: model(input_ids)``, then ``cap.stacked_span_mass()`` is (L, B, H, n_docs)."""
     return attach(model, AttentionCapture(spans, rows, full, max_full_tokens), layers)
