@@ -7,15 +7,13 @@ compute the same numbers without it. Shapes, in the Hugging Face layout (heads b
     k, k1, k2   (B, Hkv, S, D)    Hkv key/value heads (grouped-query attention if Hkv < H)
     v           (B, Hkv, S, D)    out (B, H, T, D)
 
-Conventions of the whole package (kernels included): ``scale`` defaults to ``1/sqrt(D)``; query
-head ``h`` reads key/value head ``h // (H // Hkv)``; ``causal=True`` is aligned bottom-right
-(query ``i`` sees keys ``j <= i + S - T``, so ``T == 1`` decoding sees every key);
-``key_padding_mask`` is bool ``(B, S)``, True for a real token; a query row that sees no key has
-probabilities and output 0 and finite gradients (:func:`masked_softmax`).
+Conventions of the whole package (kernels included): ``scale`` defaults to ``1/sqrt(D)``; query head ``h``
+reads key/value head ``h // (H // Hkv)``; ``causal=True`` is aligned bottom-right (query ``i`` sees keys
+``j <= i + S - T``, so ``T == 1`` decoding sees every key); ``key_padding_mask`` is bool ``(B, S)``, True for a
+real token; a query row that sees no key has probabilities and output 0 and finite gradients (:func:`masked_softmax`).
 
-OpAmp attention (arXiv 2502.12502, eq. 5-6) runs two softmax maps over the same values and
-combines them like an operational amplifier, differential gain ``K`` (the CMRR), common-mode
-gain 1:
+OpAmp attention (arXiv 2502.12502, eq. 5-6) runs two softmax maps over the same values and combines them
+like an operational amplifier, differential gain ``K`` (the CMRR), common-mode gain 1:
 
     M+ = softmax(Q1 K1^T s + mask),  M- = softmax(Q2 K2^T s + mask)
     M  = K (M+ - M-) + (M+ + M-) / 2,   out = M V = (K + 1/2) M+ V - (K - 1/2) M- V
@@ -58,19 +56,18 @@ def check_opamp_inputs(q1, k1, q2, k2, v, K=10.0, key_padding_mask=None):
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
     if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
         raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError("key_padding_mask must be a bool tensor (True = real token)")
-        if tuple(key_padding_mask.shape) != (B, S) or key_padding_mask.device != q1.device:
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)} on {q1.device}, "
-                             f"got {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+    kpm = key_padding_mask
+    if kpm is not None and not (isinstance(kpm, torch.Tensor) and kpm.dtype == torch.bool
+                                and tuple(kpm.shape) == (B, S) and kpm.device == q1.device):
+        got = (kpm.dtype, tuple(kpm.shape), kpm.device) if isinstance(kpm, torch.Tensor) else type(kpm).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor (True = real token) of shape (B, S) = {(B, S)} "
+                         f"on {q1.device}, got {got}")
     return B, H, Hkv, T, S, D
 
 
 def masked_softmax(scores, allowed):
-    """The package's one masked softmax: scores (..., S), allowed bool (broadcastable) -> (..., S).
-    Masked scores get a *finite* minimum (``-inf`` would give NaN in an empty row), and ``* allowed``
-    zeroes an empty row's harmless uniform softmax: all zeros, finite gradients."""
+    """The one masked softmax: scores (..., S), allowed bool (broadcastable) -> (..., S). Masked scores get a
+    *finite* minimum (``-inf``: NaN in an empty row); ``* allowed`` zeroes an empty row: zeros, finite gradients."""
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1) * allowed
 
@@ -78,8 +75,7 @@ def masked_softmax(scores, allowed):
 def grouped_scores(q, k, scale):
     """``q k^T * scale``: q (B, H, R, D), k (B, Hkv, S, D) -> (B, H, R, S), in fp32 (fp64 stays).
     GQA without repeating K: the ``G = H / Hkv`` query heads of a KV head are ``G * R`` rows of one matmul."""
-    B, H, R, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    (B, H, R, D), (Hkv, S) = q.shape, k.shape[1:3]
     acc = torch.promote_types(q.dtype, torch.float32)
     qg = q.to(acc).reshape(B, Hkv, (H // Hkv) * R, D)  # (B, Hkv, G*R, D): head h = kv * G + g
     return ((qg * scale) @ k.to(acc).transpose(-1, -2)).view(B, H, R, S)
@@ -87,8 +83,7 @@ def grouped_scores(q, k, scale):
 
 def grouped_apply(p, v):
     """``p @ v`` with GQA: p (B, H, R, S), v (B, Hkv, S, D) -> (B, H, R, D) in p's dtype."""
-    B, H, R, S = p.shape
-    Hkv, D = v.shape[1], v.shape[3]
+    (B, H, R, S), Hkv, D = p.shape, v.shape[1], v.shape[3]
     return (p.reshape(B, Hkv, (H // Hkv) * R, S) @ v.to(p.dtype)).view(B, H, R, D)
 
 
@@ -110,10 +105,8 @@ def allowed_keys(T, S, causal=True, key_padding_mask=None, device=None):
 
 def softmax_probs(q, k, causal=True, key_padding_mask=None, scale=None):
     """``softmax(Q K^T s + mask)`` with bottom-right causality: -> (B, H, T, S) in fp32 (fp64 stays)."""
-    T, S, D = q.shape[2], k.shape[2], q.shape[3]
-    scale = D**-0.5 if scale is None else scale
-    scores = grouped_scores(q, k, scale)  # (B, H, T, S)
-    return masked_softmax(scores, allowed_keys(T, S, causal, key_padding_mask, q.device))
+    scores = grouped_scores(q, k, q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, S)
+    return masked_softmax(scores, allowed_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
 
 
 def softmax_attention(q, k, v, causal=True, key_padding_mask=None, scale=None):
