@@ -1,13 +1,11 @@
 """Noisy-context QA: a synthetic benchmark with hard distractors, JSONL files, and prompts.
 
-An example is a list of short documents and a question that exactly one of them answers (two,
-chained, for 2-hop). Distractors are *hard*: the same template about other people with other
-answers, so only the name tells the gold document apart. First names come in two disjoint pools,
-"train" (training data) and "test" (the shipped test sets); the word lists are in
-``data/phrasings.json``. Families: "default" (one template per relation), "varied" (three
-phrasings, two-sentence documents with a filler: the training recipe's synthetic half) and
-"heldout" (relations, phrasings and fillers training never sees: ``test_heldout``). Noise ratio r
-means ``round(1/(1-r)) - 1`` distractors per gold document. Schema: ``data/README.md``.
+An example is a list of short documents and a question that exactly one of them answers (two, chained, for 2-hop).
+Distractors are *hard*: the same template about other people with other answers, so only the name tells the gold
+document apart. First names come in two disjoint pools, "train" and "test" (word lists: ``data/phrasings.json``).
+Families: "default" (one template per relation), "varied" (three phrasings, two-sentence documents with a filler:
+the training recipe's synthetic half) and "heldout" (relations, phrasings and fillers training never sees:
+``test_heldout``). Noise ratio r means ``round(1/(1-r)) - 1`` distractors per gold document. Schema: ``data/README.md``.
 """
 
 from __future__ import annotations
@@ -26,9 +24,7 @@ _WORDS = json.loads((DATA_DIR / "phrasings.json").read_text(encoding="utf-8"))
 
 @dataclass(frozen=True)
 class Relation:
-    """Fact phrasings ({name}, {value}; the first is the default family's template), question
-    phrasings ({name}) and the values of one relation."""
-
+    """One relation: fact phrasings ({name}, {value}; the first is the default template), questions ({name}), values."""
     name: str
     facts: tuple[str, ...]
     questions: tuple[str, ...]
@@ -50,7 +46,6 @@ FILLERS, TRAIN_FILLERS = tuple(_WORDS["fillers"]), tuple(_WORDS["train_fillers"]
 # 2-hop questions go through a bridge person: "A works with B." + "B lives in Paris."
 BRIDGE_FACT, BRIDGE_SUBJECT = _WORDS["bridge"]["fact"], _WORDS["bridge"]["subject"]
 FAMILIES, GOLD_POSITIONS = ("default", "heldout", "varied"), ("first", "middle", "last", "random")
-
 HELDOUT_SEED = 4234  # data/test_heldout.jsonl (test first names); a cell's seed adds its distractor count
 HELDOUT_VALIDATION_SEED = 14234  # heldout_set("train"): the validation variant
 
@@ -61,8 +56,8 @@ def full_names(split: str) -> list[str]:
 
 
 def distractors_for_noise_ratio(noise_ratio: float) -> int:
-    """OpAmp's noise ratio r -> distractors per gold document: ``round(1/(1-r)) - 1`` (a fraction
-    r of the documents is noise). Python's ``round`` sends halves to even: r = 0.6 gives 1."""
+    """OpAmp's noise ratio r (the noisy fraction of documents) -> ``round(1/(1-r)) - 1`` distractors per gold document
+    (``round`` sends halves to even: r = 0.6 gives 1)."""
     if not 0 <= noise_ratio < 1:
         raise ValueError(f"noise_ratio must be in [0, 1), got {noise_ratio!r}")
     return round(1 / (1 - noise_ratio)) - 1
@@ -73,18 +68,15 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
 
 
-# ----------------------------------------------------------------------------- generation
-
-
 def generate(n: int, *, num_distractors: int | None = None, noise_ratio: float | None = None,
              gold_position: str = "random", hops: int = 1, split: str = "train", seed: int = 0,
              relations=None, family: str = "default") -> list[dict]:
     """``n`` noisy-context QA examples, the same ones for the same arguments.
 
-    num_distractors per gold document (default 0), or ``noise_ratio`` instead. gold_position:
-    "first", "middle" (index ``(n_docs - n_gold) // 2``), "last" or "random". hops: 1, or 2 through
-    a bridge person (the gold chain's two documents side by side; phrased families: 1 only).
-    split: the pool of first names. relations: cycled through (default: all of the family's)."""
+    num_distractors per gold document (default 0), or ``noise_ratio`` instead. gold_position: "first", "middle"
+    (index ``(n_docs - n_gold) // 2``), "last" or "random". hops: 1, or 2 through a bridge person (the gold chain's
+    two documents side by side; phrased families: 1 only). split: the pool of first names. relations: cycled through
+    (default: all of the family's)."""
     if num_distractors is not None and noise_ratio is not None:
         raise ValueError("give num_distractors or noise_ratio, not both")
     k = distractors_for_noise_ratio(noise_ratio) if noise_ratio is not None else num_distractors or 0
@@ -102,26 +94,24 @@ def generate(n: int, *, num_distractors: int | None = None, noise_ratio: float |
         raise ValueError("relations is empty: give at least one of " + ", ".join(table))
     for r in relations:
         _check_choice("relation", r, tuple(table))
-    n_values = min(len(table[r].values) for r in relations)
     # phrased: distinct first and last names in an example; 2-hop: two names per chain
-    most = min(n_values, *((len(FIRST_NAMES[split]), len(LAST_NAMES)) if phrased else (len(full_names(split)) // hops,)))
+    names = (len(FIRST_NAMES[split]), len(LAST_NAMES)) if phrased else (len(full_names(split)) // hops,)
+    most = min(*names, *(len(table[r].values) for r in relations))
     if k > most - 1:
         raise ValueError(f"num_distractors={k} is more than the lists allow for {family} relations {relations} "
                          f"with hops={hops}: at most {most - 1}")
-
     rng, fillers, examples = random.Random(seed), FILLERS if family == "heldout" else TRAIN_FILLERS, []
+    make = _phrased if phrased else _one_hop if hops == 1 else _two_hop
     for i in range(n):
         relation = table[relations[i % len(relations)]]
-        make = _phrased if phrased else _one_hop if hops == 1 else _two_hop
         gold_docs, distractors, question, answer = make(rng, relation, split, k, fillers)
         documents, gold = _place(gold_docs, distractors, gold_position, rng)
         examples.append({
             "id": f"{split}-{family + '-' if phrased else ''}{hops}hop-d{k}-{gold_position}-s{seed}-{i}",
-            "documents": documents, "gold": gold,
-            "question": question, "answers": [answer], "hops": hops, "relation": relation.name,
-            "num_distractors": k, "noise_ratio": None if noise_ratio is None else float(noise_ratio),
-            "gold_position": gold_position, "split": split, "seed": seed, **({"family": family} if phrased else {}),
-        })
+            "documents": documents, "gold": gold, "question": question, "answers": [answer], "hops": hops,
+            "relation": relation.name, "num_distractors": k,
+            "noise_ratio": None if noise_ratio is None else float(noise_ratio), "gold_position": gold_position,
+            "split": split, "seed": seed, **({"family": family} if phrased else {})})
     return examples
 
 
@@ -133,11 +123,10 @@ def _one_hop(rng: random.Random, relation: Relation, split: str, k: int, fillers
 
 
 def _two_hop(rng: random.Random, relation: Relation, split: str, k: int, fillers=None):
-    """k + 1 chains "A works with B." + "B <relation> v."; the first chain is asked about. Every
-    distractor is half of a complete chain, so the model has to start from the name asked about."""
-    people = rng.sample(full_names(split), 2 * (k + 1))
+    """k + 1 chains "A works with B." + "B <relation> v."; the first is asked about. Every distractor is half of a
+    complete chain, so the model has to start from the name asked about."""
+    people, values = rng.sample(full_names(split), 2 * (k + 1)), rng.sample(relation.values, k + 1)
     subjects, bridges = people[: k + 1], people[k + 1 :]
-    values = rng.sample(relation.values, k + 1)
     bridge_facts = [BRIDGE_FACT.format(name=s, other=b) for s, b in zip(subjects, bridges)]
     facts = [relation.facts[0].format(name=b, value=v) for b, v in zip(bridges, values)]
     distractors = bridge_facts[1:] + facts[1:]
@@ -147,9 +136,8 @@ def _two_hop(rng: random.Random, relation: Relation, split: str, k: int, fillers
 
 
 def _phrased(rng: random.Random, relation: Relation, split: str, k: int, fillers):
-    """k + 1 people (distinct first and last names), one two-sentence document each: a fact
-    phrasing and a filler, in an order drawn per document (the first sentence names the person in
-    full, the second by first name). The first person is asked about, in a drawn phrasing."""
+    """k + 1 people (distinct first and last names), one two-sentence document each: a fact phrasing and a filler in
+    a drawn order (full name first, then first name). The first person is asked about, in a drawn phrasing."""
     firsts, lasts = rng.sample(FIRST_NAMES[split], k + 1), rng.sample(LAST_NAMES, k + 1)
     values = rng.sample(relation.values, k + 1)
     docs = []
@@ -166,29 +154,23 @@ def _phrased(rng: random.Random, relation: Relation, split: str, k: int, fillers
 def _place(gold_docs: list[str], distractors: list[str], position: str, rng: random.Random):
     """Insert the gold documents, as one block, into the distractors: ``(documents, gold)``."""
     slots = len(distractors)  # the block can start at 0 .. slots
-    start = {"first": 0, "middle": slots // 2, "last": slots}.get(position)
-    if start is None:  # "random"
-        start = rng.randint(0, slots)
+    start = rng.randint(0, slots) if position == "random" else dict(first=0, middle=slots // 2, last=slots)[position]
     return distractors[:start] + gold_docs + distractors[start:], list(range(start, start + len(gold_docs)))
 
 
 def heldout_set(split: str = "test", *, per_cell: int = 30, seed: int | None = None) -> list[dict]:
-    """The held-out grid in ``test_1hop``'s layout (noise 0: one "first" cell; 0.5, 0.8, 0.9 x
-    first/middle/last; ``per_cell`` each). split="test" is ``data/test_heldout.jsonl``, split="train"
-    its validation variant (train names, ``HELDOUT_VALIDATION_SEED``), for choosing settings."""
+    """The held-out grid in ``test_1hop``'s layout (noise 0: one "first" cell; 0.5, 0.8, 0.9 x first/middle/last;
+    ``per_cell`` each). "test": ``data/test_heldout.jsonl``; "train": its validation variant, for choosing settings."""
     _check_choice("split", split, SPLITS)
     seed = (HELDOUT_SEED if split == "test" else HELDOUT_VALIDATION_SEED) if seed is None else seed
     relations, examples = list(HELDOUT_RELATIONS), []
     for level, r in enumerate((0.0, 0.5, 0.8, 0.9)):
-        start = level * per_cell % len(relations)  # keep cycling where the last level stopped
-        k = distractors_for_noise_ratio(r)
+        k, start = distractors_for_noise_ratio(r), level * per_cell % len(relations)  # relations cycle on across levels
         for position in (("first", "middle", "last") if k else ("first",)):
             examples += generate(per_cell, noise_ratio=r, gold_position=position, split=split, seed=seed + k,
                                  relations=relations[start:] + relations[:start], family="heldout")
     return examples
 
-
-# ----------------------------------------------------------------------------- JSONL files
 
 # field -> type(s); id, documents, gold, question, answers are required, the others checked when present
 SCHEMA = {"id": str, "documents": list, "gold": list, "question": str, "answers": list, "hops": int,
@@ -209,13 +191,12 @@ def validate_example(ex) -> None:
             raise ValueError(f"field {field!r} must be {getattr(types, '__name__', 'a number or null')}, "
                              f"got {ex[field]!r}")
     docs, gold, hops = ex["documents"], ex["gold"], ex.get("hops")
+    strings = "must be a non-empty list of non-empty strings"
     for field, ok, why in [
-        ("documents", docs and all(isinstance(d, str) and d.strip() for d in docs),
-         "must be a non-empty list of non-empty strings"),
+        ("documents", docs and all(isinstance(d, str) and d.strip() for d in docs), strings),
         ("gold", gold and all(type(g) is int and 0 <= g < len(docs) for g in gold),
          f"must be a non-empty list of indices in [0, {len(docs)})"),
-        ("answers", ex["answers"] and all(isinstance(a, str) and a.strip() for a in ex["answers"]),
-         "must be a non-empty list of non-empty strings"),
+        ("answers", ex["answers"] and all(isinstance(a, str) and a.strip() for a in ex["answers"]), strings),
         ("hops", hops in (None, 1, 2), "must be 1 or 2"),
         ("gold", hops is None or len(gold) == hops, f"must hold one index per hop ({hops})"),
         ("num_distractors", ex.get("num_distractors", 0) >= 0, "must be >= 0"),
@@ -230,8 +211,7 @@ def validate_example(ex) -> None:
 
 def write_jsonl(examples: list[dict], path) -> Path:
     """Write one example per line (each one validated first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     for i, ex in enumerate(examples):
         try:
             validate_example(ex)
@@ -268,28 +248,24 @@ def load_test_set(name_or_path) -> list[dict]:
     return read_jsonl(name_or_path)
 
 
-# ----------------------------------------------------------------------------- Natural Questions for training
-
-
 def _words(text: str) -> str:
     """The lower-cased words of a text, space-separated, with a space on either side."""
     return " " + " ".join(re.findall(r"\w+", text.lower())) + " "
 
 
 def nq_examples(part: str, n: int | None = None, noise_ratios=(0.0, 0.5, 0.8), seed: int = 0) -> list[dict]:
-    """Natural Questions of ``data/nq_trainval.jsonl`` with their passage, for training
-    (``part="train"``) or choosing hyper-parameters (``"validation"``). Example i takes noise ratio
-    ``noise_ratios[i % len]``; its distractors are the passages of the same part that share the
-    most words with the question and mention no answer. Gold position drawn; ``n``: default all."""
+    """Natural Questions of ``data/nq_trainval.jsonl`` with their passage, for training (``part="train"``) or choosing
+    hyper-parameters (``"validation"``). Example i takes noise ratio ``noise_ratios[i % len]``; its distractors are the
+    passages of the same part that share the most words with the question and mention no answer. Gold position drawn;
+    ``n``: default all."""
     _check_choice("part", part, ("train", "validation"))
     rows = read_jsonl(DATA_DIR / "nq_trainval.jsonl")  # one gold passage per question, disjoint from test_nq
     rows = [r for i, r in enumerate(rows) if (i % 6 == 0) == (part == "validation")]  # every 6th: validation
-    rng = random.Random(seed)
+    rng, examples = random.Random(seed), []
     order = rng.sample(range(len(rows)), len(rows))[: n or len(rows)]
     passages = [r["documents"][0] for r in rows]
     texts = [_words(p) for p in passages]
     word_sets = [set(w.split()) for w in texts]
-    examples = []
     for i, q in enumerate(order):
         row, ratio = rows[q], noise_ratios[i % len(noise_ratios)]
         answers, asked = [a for a in map(_words, row["answers"]) if a.strip()], set(_words(row["question"]).split())
@@ -304,15 +280,12 @@ def nq_examples(part: str, n: int | None = None, noise_ratios=(0.0, 0.5, 0.8), s
     return examples
 
 
-# ----------------------------------------------------------------------------- prompts
-
 INSTRUCTION = "Answer the question using the documents. Reply with the answer only."
 
 
 @dataclass
 class Prompt:
     """A tokenized prompt and where its parts are, as token ranges [start, end)."""
-
     input_ids: torch.Tensor  # (T,) long
     text: str  # the chat-templated string
     doc_spans: list[tuple[int, int]]  # one per document
@@ -320,9 +293,8 @@ class Prompt:
 
 
 def build_prompt(tokenizer, example: dict, *, system: str | None = None) -> Prompt:
-    """Chat-template the example and find each document's tokens: those whose character offsets
-    overlap the document's characters (a token may carry the space before a document, so
-    ``tokenizer.decode(ids[s:e]).strip() == document``). Needs a fast tokenizer."""
+    """Chat-template the example and find each document's tokens: those whose character offsets overlap the document's
+    (a token may carry the space before it: ``decode(ids[s:e]).strip() == document``). Needs a fast tokenizer."""
     message, doc_chars = INSTRUCTION + "\n\nDocuments:\n", []  # doc_chars: character spans
     for i, doc in enumerate(example["documents"], start=1):
         message += f"[{i}] "
@@ -337,13 +309,11 @@ def build_prompt(tokenizer, example: dict, *, system: str | None = None) -> Prom
     if shift < 0:
         raise ValueError("the chat template changed the user message; cannot locate the documents")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-
-    def token_span(a: int, b: int) -> tuple[int, int]:
+    spans = []
+    for a, b in doc_chars + [question_chars]:  # the tokens whose character offsets overlap [a, b)
         inside = [t for t, (s, e) in enumerate(enc["offset_mapping"]) if s < b + shift and e > a + shift]
-        return inside[0], inside[-1] + 1
-
-    return Prompt(torch.tensor(enc["input_ids"], dtype=torch.long), text,
-                  [token_span(a, b) for a, b in doc_chars], token_span(*question_chars))
+        spans.append((inside[0], inside[-1] + 1))
+    return Prompt(torch.tensor(enc["input_ids"], dtype=torch.long), text, spans[:-1], spans[-1])
 
 
 def build_batch(tokenizer, examples: list[dict], *, system: str | None = None):
