@@ -1,17 +1,17 @@
 """OpAmp adaptation (arXiv 2502.12502): adapters that turn each attention layer into an amplifier.
 
-A chosen layer adapts its queries and keys, then runs OpAmp attention (``minimal.attention``)::
+A chosen layer adapts its queries and keys, then runs OpAmp attention (``minimal.attention``; kernel
+``minimal.triton_opamp``)::
 
     q1 = Eq1(q),  q2 = Eq2(q)          q (B, T, H*D): the query heads, concatenated, after RoPE
     k1 = Ek1(k),  k2 = Ek2(k)          k (B, S, Hkv*D): the KV heads, before GQA repetition
     M+ = softmax(q1 k1^T s + mask),  M- = softmax(q2 k2^T s + mask)          (B, H, T, S)
     M  = K (M+ - M-) + (M+ + M-)/2,  out = M V                               V untouched
 
-Each adapter is a residual bottleneck ``E(x) = x + W_up(GELU(W_down(dropout(x))))`` with ``W_up``
-zero-initialised, so right after :func:`add_opamp` the model computes exactly what it did before.
-Placement follows the authors' code (after RoPE, on all heads concatenated; the paper's equations
-read as if before RoPE), so the result depends on absolute positions: left-padded batches need
-``position_ids = cumsum(mask) - 1``, as ``generate()`` builds them. Kernel: ``minimal.triton_opamp``.
+Each adapter is a residual bottleneck ``E(x) = x + W_up(GELU(W_down(dropout(x))))``, ``W_up`` zero at init: right
+after :func:`add_opamp` the model computes exactly what it did before. Placed as in the authors' code (after RoPE,
+on all heads concatenated; the paper's equations read as if before RoPE), so the result depends on absolute
+positions: left-padded batches need ``position_ids = cumsum(mask) - 1``, as ``generate()`` builds them.
 
 >>> add_opamp(model, K=10)                        # {layer: OpAmpCalibration}, identity at init
 >>> save_opamp(model, "results/opamp")           # adapters.safetensors + opamp_config.json
@@ -67,21 +67,17 @@ def mask_to_causal_padding(allowed: torch.Tensor, T: int, S: int):
 
 
 class OpAmpCalibration(nn.Module):
-    """OpAmp for one attention layer (a hooks calibration), in the model's ``state_dict`` as
-    ``...self_attn.calibration.{q1,q2,k1,k2}.w_{down,up}.weight``.
-
-    q1, q2 Adapter(H * D) on all query heads; k1, k2 Adapter(Hkv * D) on the KV heads; K the CMRR;
-    backend "auto" (Triton kernel on CUDA, else PyTorch), "triton", "reference" (PyTorch)."""
+    """OpAmp for one attention layer (a hooks calibration), in the model's ``state_dict`` as ``...self_attn.
+    calibration.{q1,q2,k1,k2}.w_{down,up}.weight``: q1, q2 Adapter(H * D) on all query heads, k1, k2 Adapter(Hkv * D)
+    on the KV heads; K the CMRR; backend "auto" (Triton on CUDA, else PyTorch), "triton", "reference" (PyTorch)."""
 
     slot = "calibration"
 
     def __init__(self, num_heads, num_kv_heads, head_dim, K=10.0, adapter_dim=64, dropout=0.1, backend="auto"):
         super().__init__()
         self.K, self.backend = float(K), backend
-        self.q1 = Adapter(num_heads * head_dim, adapter_dim, dropout)
-        self.q2 = Adapter(num_heads * head_dim, adapter_dim, dropout)
-        self.k1 = Adapter(num_kv_heads * head_dim, adapter_dim, dropout)
-        self.k2 = Adapter(num_kv_heads * head_dim, adapter_dim, dropout)
+        self.q1, self.q2 = (Adapter(num_heads * head_dim, adapter_dim, dropout) for _ in range(2))  # seeds: this order
+        self.k1, self.k2 = (Adapter(num_kv_heads * head_dim, adapter_dim, dropout) for _ in range(2))
 
     def extra_repr(self):
         return f"K={self.K}, backend={self.backend}"
@@ -99,18 +95,14 @@ class OpAmpCalibration(nn.Module):
     def adapt_keys(self, key):
         """(k1, k2) from key (B, Hkv, S, D). Adapters act per position, so in inference (eval, no grad),
         when the first keys equal the last call's (a KV cache), only the new positions are adapted."""
-        seen = getattr(self, "_seen", None)
+        raw, k1, k2 = getattr(self, "_seen", None) or (None, None, None)  # the last call's key, k1, k2
         inference = not self.training and not torch.is_grad_enabled()
-        if inference and seen is not None:
-            raw, k1, k2 = seen
-            n = raw.shape[2]
-            if key.shape[:2] == raw.shape[:2] and key.shape[2] > n and torch.equal(key[:, :, :n], raw):
-                new = key[:, :, n:]  # (B, Hkv, S - n, D)
-                k1 = torch.cat([k1, self._heads(new, self.k1)], dim=2)
-                k2 = torch.cat([k2, self._heads(new, self.k2)], dim=2)
-                self._seen = (key, k1, k2)
-                return k1, k2
-        k1, k2 = self._heads(key, self.k1), self._heads(key, self.k2)
+        n = 0 if raw is None else raw.shape[2]
+        if inference and n and key.shape[:2] == raw.shape[:2] and key.shape[2] > n and torch.equal(key[:, :, :n], raw):
+            new = key[:, :, n:]  # (B, Hkv, S - n, D)
+            k1, k2 = torch.cat([k1, self._heads(new, self.k1)], 2), torch.cat([k2, self._heads(new, self.k2)], 2)
+        else:
+            k1, k2 = self._heads(key, self.k1), self._heads(key, self.k2)
         self._seen = (key, k1, k2) if inference else None  # a reference, not a copy
         return k1, k2
 
@@ -124,14 +116,11 @@ class OpAmpCalibration(nn.Module):
         padding = mask_to_causal_padding(allowed, T, S) if use_triton and not plain else None
         if use_triton and (allowed is None or padding is not None):
             from . import triton_opamp  # imported on first use: CPU runs never need Triton
-
-            dtype = value.dtype
+            q1, k1, q2, k2 = (t.to(value.dtype) for t in (q1, k1, q2, k2))
             padding = None if padding is None else padding.expand(query.shape[0], S).contiguous()
-            return triton_opamp.opamp_attention(q1.to(dtype), k1.to(dtype), q2.to(dtype), k2.to(dtype), value,
-                                                self.K, causal=True, key_padding_mask=padding, scale=scaling)
-        # any mask: each map by PyTorch's fused attention, in fp32
+            return triton_opamp.opamp_attention(q1, k1, q2, k2, value, self.K, key_padding_mask=padding, scale=scaling)
         kw = dict(attn_mask=allowed, is_causal=allowed is None and T > 1, scale=scaling, enable_gqa=True)
-        with torch.autocast(query.device.type, enabled=False):
+        with torch.autocast(query.device.type, enabled=False):  # any mask: PyTorch's fused attention, in fp32
             out_plus = F.scaled_dot_product_attention(q1.float(), k1.float(), value.float(), **kw)  # M+ V
             out_minus = F.scaled_dot_product_attention(q2.float(), k2.float(), value.float(), **kw)  # M- V
         # (K + 1/2) M+V - (K - 1/2) M-V, written so that equal maps give M+V exactly (no amplified rounding)
@@ -171,9 +160,8 @@ def opamp_parameters(model) -> list[nn.Parameter]:
 def add_opamp(model, K=10.0, adapter_dim: int = 64, stride: int = 1, layers=None, dropout: float = 0.1,
               backend: str = "auto") -> dict[int, OpAmpCalibration]:
     """Attach OpAmp to every ``stride``-th layer (0, stride, 2*stride, ...) or to ``layers``: ``{layer: calibration}``.
-
-    K: the CMRR (> 0). stride: the authors use 2 for Llama, 3 for Qwen, 1 in their evaluation.
-    Adapters are fp32 on each layer's device, added after any quantisation, so never quantised."""
+    K: the CMRR (> 0). stride: the authors use 2 for Llama, 3 for Qwen, 1 in their evaluation. Adapters are fp32
+    on each layer's device, added after any quantisation, so never quantised."""
     if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
         raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
     for name, value in (("adapter_dim", adapter_dim), ("stride", stride)):
@@ -194,8 +182,7 @@ def add_opamp(model, K=10.0, adapter_dim: int = 64, stride: int = 1, layers=None
                                 dropout, backend).to(modules[i].q_proj.weight.device).train(modules[i].training)
             for i in chosen}  # on the layer's device; an eval model -> no dropout
     hooks.attach(model, cals)
-    model._opamp_config = dict(K=float(K), adapter_dim=adapter_dim, stride=stride, layers=sorted(cals),
-                               dropout=float(dropout))
+    model._opamp_config = dict(K=float(K), adapter_dim=adapter_dim, stride=stride, layers=sorted(cals), dropout=dropout)
     return cals
 
 
@@ -208,7 +195,6 @@ def remove_opamp(model) -> None:
 def save_opamp(model, directory) -> Path:
     """Write ``adapters.safetensors`` (the adapters only) and ``opamp_config.json``."""
     from safetensors.torch import save_file
-
     layers = opamp_layers(model)
     if not layers:
         raise ValueError("the model carries no OpAmp adapters: call add_opamp(model) first")
@@ -224,12 +210,10 @@ def save_opamp(model, directory) -> Path:
 
 
 def load_opamp(model, directory) -> dict[int, OpAmpCalibration]:
-    """Load adapters saved by :func:`save_opamp` into ``model``, adding OpAmp if it has none.
-
-    ValueError if the geometry, the model's name or an OpAmp already on the model differ from the
-    saved config, or a tensor is missing, unexpected or misshapen: never random weights silently."""
+    """Load adapters saved by :func:`save_opamp` into ``model``, adding OpAmp if it has none. ValueError if the
+    geometry, the model's name or an OpAmp already on the model differ from the saved config, or a tensor is
+    missing, unexpected or misshapen: never random weights silently."""
     from safetensors.torch import load_file
-
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
         raise ValueError(f"{directory} has no {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_opamp)")
