@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -53,19 +54,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, center - half), min(1.0, center + half))
 
 
-def percent(row: dict) -> str:  # " 61.3% [52- 70]": an accuracy row and its Wilson interval
+def percent(row: dict) -> str:
+    """An accuracy row and its Wilson interval: ``" 61.3% [52- 70]"``."""
     return f"{100 * row['accuracy']:5.1f}% [{100 * row['low']:2.0f}-{100 * row['high']:3.0f}]"
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 8, max_new_tokens: int = 20,
              attention: bool = True, progress: bool = True, desc: str = "evaluate") -> list[dict]:
-    """Greedy-generate an answer for every example and score it.
-
-    One record per example: its fields (not the documents), the prediction, ``strict`` and
-    ``lenient``, and (attention=True) the attention mass the last prompt position puts on the gold
-    documents and on the distractors, per layer (mean over heads), read during the same prefill.
-    """
+    """Greedy-generate an answer for every example and score it: one record per example, its fields (not the
+    documents), the prediction, ``strict``, ``lenient`` and (attention=True) the attention mass the last prompt position
+    puts on the gold documents and on the distractors, per layer (mean over heads), read during the same prefill."""
     if not examples:
         raise ValueError("examples is empty: nothing to evaluate")
     device, records = next(model.parameters()).device, []
@@ -74,12 +73,9 @@ def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 8, max
         input_ids, attention_mask, spans = build_batch(tokenizer, batch)
         generate = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if attention:
-            with capture_attention(model, spans=spans) as cap:
-                out = model.generate(**generate)
-            mass = cap.stacked_span_mass().mean(dim=2)  # (L, B, n_docs), mean over heads
-        else:
+        with capture_attention(model, spans=spans) if attention else contextlib.nullcontext() as cap:
             out = model.generate(**generate)
+        mass = cap.stacked_span_mass().mean(dim=2) if attention else None  # (L, B, n_docs), mean over heads
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, (ex, text) in enumerate(zip(batch, texts)):
             prediction = text.strip().split("\n")[0].strip()
@@ -95,16 +91,15 @@ def _gold_mass(mass: torch.Tensor, example: dict) -> dict:
     mass = mass[:, : len(example["documents"])]
     gold = torch.zeros(mass.shape[1], dtype=torch.bool)
     gold[example["gold"]] = True
-    n_distract = int((~gold).sum())
-    return {"gold_mass": mass[:, gold].sum(-1).tolist(), "distractor_mass": mass[:, ~gold].sum(-1).tolist(),
-            "gold_mass_per_doc": (mass[:, gold].sum(-1) / gold.sum()).tolist(),
-            "distractor_mass_per_doc": (mass[:, ~gold].sum(-1) / n_distract).tolist() if n_distract else None}
+    on_gold, on_rest, n_rest = mass[:, gold].sum(-1), mass[:, ~gold].sum(-1), int((~gold).sum())
+    return {"gold_mass": on_gold.tolist(), "distractor_mass": on_rest.tolist(),
+            "gold_mass_per_doc": (on_gold / gold.sum()).tolist(),
+            "distractor_mass_per_doc": (on_rest / n_rest).tolist() if n_rest else None}
 
 
 def accuracy_grid(records: list[dict], by=("noise_ratio", "gold_position"), metric: str = "lenient") -> list[dict]:
-    """Accuracy per cell of the ``by`` fields: rows of the ``by`` values, ``n``, ``correct``,
-    ``accuracy``, Wilson 95% ``low`` and ``high``, and ``gold_mass`` (mean over the cell and the
-    layers) when records carry attention. A record without a ``by`` field counts in ``"unknown"``."""
+    """Accuracy per cell of the ``by`` fields: rows of the ``by`` values, ``n``, ``correct``, ``accuracy``, Wilson 95%
+    ``low``, ``high``, and ``gold_mass`` (mean over cell and layers) with attention; a missing field is "unknown"."""
     if metric not in ("lenient", "strict"):
         raise ValueError(f"metric={metric!r}: choose 'lenient' or 'strict'")
     by = (by,) if isinstance(by, str) else tuple(by)
@@ -112,8 +107,7 @@ def accuracy_grid(records: list[dict], by=("noise_ratio", "gold_position"), metr
     for r in records:
         cells[tuple(r.get(k, UNKNOWN) for k in by)].append(r)
     rows = []
-    for key in sorted(cells, key=lambda k: tuple(map(_sort_key, k))):
-        rs = cells[key]
+    for key, rs in sorted(cells.items(), key=lambda item: tuple(map(_sort_key, item[0]))):
         correct = sum(bool(r[metric]) for r in rs)
         low, high = wilson_interval(correct, len(rs))
         rows.append(dict(zip(by, key), n=len(rs), correct=correct, accuracy=correct / len(rs), low=low, high=high))
@@ -141,8 +135,7 @@ def attention_by_layer(records: list[dict]) -> dict:
 
 
 def gold_attention_ratio(records: list[dict]) -> float | None:
-    """Per document, attention on gold over attention on a distractor (layer means of
-    ``attention_by_layer`` on the noisy records); None when no record has both."""
+    """Per document, attention on gold over on a distractor (layer means, noisy records); None without noisy ones."""
     noisy = [r for r in records if r.get("distractor_mass_per_doc") is not None]
     if not noisy:
         return None
@@ -151,12 +144,10 @@ def gold_attention_ratio(records: list[dict]) -> float | None:
 
 
 def format_grid(grid: list[dict], rows: str = "noise_ratio", cols: str = "gold_position", title: str = "") -> str:
-    """A text table, one line per ``rows`` value and one column per ``cols`` value, each cell
-    ``accuracy% [low-high] (n)``; a last column with the row's attention on gold."""
+    """A text table: a line per ``rows`` value, a column per ``cols`` value (``acc% [low-high] (n)``), attn on gold."""
     row_vals, col_vals = (list(dict.fromkeys(r[k] for r in grid)) for k in (rows, cols))
     cell = {(r[rows], r[cols]): r for r in grid}
-    lines = [title] if title else []
-    lines.append(f"{rows:>12} | " + " | ".join(f"{str(c):^20}" for c in col_vals) + " | attn on gold")
+    lines = [title] * bool(title) + [f"{rows:>12} | " + " | ".join(f"{c!s:^20}" for c in col_vals) + " | attn on gold"]
     lines.append("-" * len(lines[-1]))
     for rv in row_vals:
         found = [cell.get((rv, cv)) for cv in col_vals]
@@ -193,6 +184,7 @@ def paired(base_records: list[dict], other_records: list[dict], metric: str = "l
 
 
 def save_json(obj, path) -> Path:
+    """Write ``obj`` as indented JSON (other numbers, e.g. numpy's, as floats), creating the folder."""
     (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=float))
     return path
