@@ -1,31 +1,23 @@
-"""Scaled ReAttention (SRA): drop the tiny attention probabilities, hand their mass, amplified, to a
-window of context tokens. At prefill, with no training. Paper: Gao et al., "Pay Attention to What You
-Need", arXiv 2307.13365 (v3). We follow the authors' public code, which works on the softmax
-probabilities ``A[b, h, i, j]`` of every layer but the last, in two passes (``l`` the layer, ``L`` the
-layers, ``n`` the real tokens)::
+"""Scaled ReAttention (SRA): drop the tiny attention probabilities, hand their mass, amplified, to a window of
+context tokens. At prefill, with no training. Paper: Gao et al., "Pay Attention to What You Need", arXiv
+2307.13365 (v3). We follow the authors' public code, which works on the softmax probabilities ``A[b, h, i, j]``
+of every layer but the last, in two passes (``l`` the layer, ``L`` the layers, ``n`` the real tokens)::
 
-    inner pass (layers 0 .. L-2), skipped when n <= b + t + 3
-        c = ceil((n - b - t - 3) / (L + 3))
+    inner pass (layers 0 .. L-2), skipped when n <= b + t + 3;   c = ceil((n - b - t - 3) / (L + 3))
         rows    [s, e),          s = (l + 3) c + b + 3,   e = min(s + c, n - t),   w = e - s
         window  W = [s - 3w, s - 2w)        threshold theta = f_inner / (s - b)
-
-    outer pass (layers 1 .. L-2), skipped when n <= t + 3
-        c = ceil((n - t - 3) / (L + 3))
+    outer pass (layers 1 .. L-2), skipped when n <= t + 3;   c = ceil((n - t - 3) / (L + 3))
         rows    [n - t, n)   (the last t tokens: the question)
-        window  W = [(l + 2) c + 3, (l + 2) c + 3 + c), clipped to [0, n - t)
-        threshold theta = f_outer / (n - t)
-
+        window  W = [(l + 2) c + 3, (l + 3) c + 3) clipped to [0, n - t)    threshold theta = f_outer / (n - t)
     in each pass, for every (head, row i) with some A[i, j] > theta for j in W ("valid"):
         A[i, j] = 0                    wherever A[i, j] < theta            (drop the small ones)
         r = 1 - sum_j A[i, j]          the mass just removed
         m_j = 100 if A[i, j] >= theta else 5,  for j in W
         A[i, j] += r * g * m_j / sum(m),  for j in W                       (hand it to W, times g)
 
-Rows are NOT renormalised: a valid row sums to ``1 + (g - 1) r`` (the "scaled" part). The inner rows
-end at ``n - t`` where the outer rows start: the passes never touch the same row. Unlike the authors'
-code (batch 1, eager, in place, its outer pass reading item 0 for every item), each sequence of a
-left-padded batch gets windows from its own length. Linear memory: ``minimal.sra_linear``; in a model:
-``with sra(model):``.
+Rows are NOT renormalised: a valid row sums to ``1 + (g - 1) r`` (the "scaled" part). Inner rows end at ``n - t``
+where outer rows start: the passes never share a row. Unlike the authors' code (batch 1, eager, in place, outer
+pass reading item 0 for every item), each item of a left-padded batch gets windows from its own length.
 """
 
 from __future__ import annotations
@@ -47,9 +39,8 @@ BACKENDS = ("eager", "blocked", "triton")
 
 @dataclass(frozen=True)
 class SRAConfig:
-    """SRA's five numbers, the authors' defaults: begin b (the instruction, never re-weighted), tail t
-    (the question), the threshold factors f_inner, f_outer in (0, 1], gain g > 0 (g > 1 amplifies).
-    With them a prompt under 304 tokens is left untouched: see ``config_for_prompts``."""
+    """SRA's five numbers (authors' defaults, which skip prompts under 304 tokens: see ``config_for_prompts``):
+    begin b (instruction, untouched), tail t (question), f_inner, f_outer in (0, 1], gain g > 0 (> 1 amplifies)."""
 
     begin: int = 100
     tail: int = 200
@@ -112,32 +103,27 @@ def outer_pass(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> Pa
 
 def passes(n: int, layer_idx: int, num_layers: int, config: SRAConfig) -> list[Pass]:
     """The passes that act on a sequence of ``n`` real tokens in this layer, inner first."""
-    found = (inner_pass(n, layer_idx, num_layers, config), outer_pass(n, layer_idx, num_layers, config))
-    return [p for p in found if p is not None]
+    return [p for f in (inner_pass, outer_pass) if (p := f(n, layer_idx, num_layers, config)) is not None]
 
 
 def row_plan(layer_idx, num_layers, config, lengths, T, device=None):
-    """One layer's plan per (batch item, query position), ``(theta, lo, hi)``, each (B, T): the threshold
-    (float64) and the window [lo, hi) in padded positions; untouched rows have lo = hi = 0 and theta 0.
-    Sequence b holds its ``lengths[b]`` tokens at ``T - n_b .. T - 1``; its passes come from n_b alone
-    (not item 0's length, the authors' batch bug), shifted by its padding."""
-    theta = torch.zeros(len(lengths), T, dtype=torch.float64)
-    lo, hi = (torch.zeros(len(lengths), T, dtype=torch.long) for _ in range(2))
+    """One layer's plan per (batch item, query position), ``(theta, lo, hi)``, each (B, T): the threshold (float64)
+    and the window [lo, hi) in padded positions (untouched rows: lo = hi = 0, theta 0). Item b holds its n_b =
+    ``lengths[b]`` tokens at ``T - n_b .. T - 1``; its passes come from n_b (not item 0's: the authors' bug)."""
+    theta, lo, hi = torch.zeros(3, len(lengths), T, dtype=torch.float64)  # lo, hi: whole numbers, exact
     for b, n in enumerate(lengths):
         for p in passes(n, layer_idx, num_layers, config):
             rows = slice(T - n + p.rows[0], T - n + p.rows[1])
             theta[b, rows], lo[b, rows], hi[b, rows] = p.theta, T - n + p.window[0], T - n + p.window[1]
-    return theta.to(device), lo.to(device), hi.to(device)
+    return theta.to(device), lo.long().to(device), hi.long().to(device)
 
 
 def reattend(A, layer_idx, num_layers, config=None, lengths=None, rows=None):
     """SRA on causal prefill probabilities: ``A (B, H, R, T) -> A' (B, H, R, T)``, a new tensor.
 
-    lengths: real tokens per sequence, left padding (default none); rows: the query positions of A's R
-    rows (default all T). Valid rows sum to ``1 + (g - 1) r``, the others come back unchanged. (The
-    authors' inner pass zeroes keys ``< e`` only: the same, as a causal row ``i < e`` is 0 beyond.)"""
-    B, H, R, T = A.shape
-    config = config or SRAConfig()
+    lengths: real tokens per item, left padding (default none); rows: the query positions of A's R rows (default
+    all T); invalid rows come back unchanged. (The authors' inner pass zeroes keys ``< e`` only: causally the same.)"""
+    (B, _, _, T), config = A.shape, config or SRAConfig()
     theta, lo, hi = row_plan(layer_idx, num_layers, config, [T] * B if lengths is None else lengths, T, A.device)
     rows = torch.arange(T, device=A.device) if rows is None else rows
     theta = theta[:, rows][:, None, :, None].to(A.dtype)  # (B, 1, R, 1)
@@ -160,9 +146,9 @@ def sra_attention_eager(q, k, v, layer_idx, num_layers, config=None, lengths=Non
 
 def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, scale=None, backend="blocked"):
     """SRA attention for one layer's prefill, ``reattend(softmax(Q K^T s)) V``: (B, H, T, D) in q's dtype.
-    q (B, H, T, D); k, v (B, Hkv, T, D), Hkv dividing H; lengths: real tokens per item (left padding);
-    scale default 1/sqrt(D). backend, the same output up to rounding: "eager" (the spec, (T, T) memory),
-    "blocked" (linear memory, PyTorch), "triton" (the kernel: CUDA, or CPU under TRITON_INTERPRET=1)."""
+    q (B, H, T, D); k, v (B, Hkv, T, D), Hkv dividing H; lengths: real tokens per item (left padding); scale
+    default 1/sqrt(D). backend, the same output up to rounding: "eager" (the spec, (T, T) memory), "blocked"
+    (linear memory, PyTorch), "triton" (the kernel: CUDA, or CPU under TRITON_INTERPRET=1)."""
     B, H, Hkv, T, S, D = check_opamp_inputs(q, k, q, k, v)
     if T != S:
         raise ValueError(f"SRA is defined on the prefill (T == S, causal); got T={T} queries and S={S} keys")
@@ -175,16 +161,18 @@ def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, sca
     if backend == "eager":
         return sra_attention_eager(q, k, v, layer_idx, num_layers, config, lengths, scale)
     rows_fn = sra_linear.blocked_rows
-    if backend == "triton":
-        from .triton_sra import sra_rows as rows_fn  # imported here: Triton is optional
+    if backend == "triton":  # imported here: Triton is optional
+        from .triton_common import check_kernel_inputs
+        from .triton_sra import sra_rows as rows_fn
+        check_kernel_inputs(q, "minimal.triton_sra", 'backend="blocked"')  # up front, even if no row is touched
     plan = row_plan(layer_idx, num_layers, config, lengths, T, q.device)
     return sra_linear.sra_output(q, k, v, *plan, lengths, scale, float(config.gain), rows_fn)
 
 
 class SRA:
-    """The calibration ``apply_sra`` attaches to every attention layer (``minimal.hooks``). Prefill only
-    (decoding and calls with a cache run plain attention); batches left-padded (lengths from the mask).
-    backend: as in ``sra_attention``; None picks "triton" on CUDA tensors, else "blocked"."""
+    """The calibration ``apply_sra`` attaches to every attention layer (``minimal.hooks``). Prefill only (decoding
+    and calls with a cache run plain attention); batches left-padded (lengths from the mask). backend: as in
+    ``sra_attention``; None picks "triton" on CUDA tensors, else "blocked"."""
 
     slot = "calibration"
 
@@ -228,9 +216,8 @@ class SRA:
         for name, need, rule, acts in (("inner", inner_min, "begin + tail + 3", layer <= L - 2),
                                        ("outer", outer_min, "tail + 3", 1 <= layer <= L - 2 and self.config.tail)):
             if acts and min(lengths) < need:
-                self._warn_once(name, f"SRA: a sequence of {min(lengths)} real tokens is too short for the {name} "
-                                f"pass (needs n > {rule} = {need - 1}); it is skipped for such sequences. For "
-                                "short prompts choose begin and tail from the prompt's structure.")
+                self._warn_once(name, f"SRA: a sequence of {min(lengths)} real tokens is too short for the {name} pass "
+                                f"(needs n > {rule} = {need - 1}), skipped there; short prompts: config_for_prompts.")
         if not any(passes(n, layer, L, self.config) for n in lengths):
             return None
         backend = self.backend or ("triton" if query.is_cuda and triton_available() else "blocked")
@@ -239,11 +226,10 @@ class SRA:
     def probs(self, module, query, key, attention_mask, scaling, rows):
         """The map SRA really uses for the query ``rows`` (default all): (B, H, R, S)."""
         probs = hooks.layer_probs(module, query, key, attention_mask, scaling, rows)
-        B, T, S = query.shape[0], query.shape[2], key.shape[2]
-        if T == 1 or T != S:  # decoding or a cache: plain
+        if query.shape[2] == 1 or query.shape[2] != key.shape[2]:  # decoding or a cache: plain
             return probs
-        return reattend(probs, module.layer_idx, self.num_layers, self.config,
-                        self.lengths(module, attention_mask, B, T), rows)
+        lengths = self.lengths(module, attention_mask, query.shape[0], query.shape[2])
+        return reattend(probs, module.layer_idx, self.num_layers, self.config, lengths, rows)
 
 
 def remove_sra(model) -> None:
@@ -274,9 +260,8 @@ def config_for_prompts(tokenizer, examples, **factors) -> SRAConfig:
     if not examples:
         raise ValueError("examples is empty: need prompts to read b and t from")
     prompts = [build_prompt(tokenizer, ex) for ex in examples]
-    begin = min(p.doc_spans[0][0] for p in prompts)
-    tail = max(len(p.input_ids) - p.question_span[0] for p in prompts)
-    return SRAConfig(begin=begin, tail=tail, **factors)
+    return SRAConfig(begin=min(p.doc_spans[0][0] for p in prompts),
+                     tail=max(len(p.input_ids) - p.question_span[0] for p in prompts), **factors)
 
 
 def window_table(n: int, num_layers: int, config: SRAConfig | None = None) -> list[dict]:

@@ -83,15 +83,17 @@ def test_bf16_raises_under_the_interpreter(check):
         pytest.skip("interpreter only")
     case = cases.SRA[1]
     q, k, v = cases.sra_inputs(case, torch.bfloat16)
-    with pytest.raises(ValueError, match="bfloat16"):
-        sra.sra_attention(q, k, v, case.layer, case.L, CONFIG, backend="triton")
+    for layer in (case.layer, case.L - 1):  # checked up front: also where SRA touches no row (the last layer)
+        with pytest.raises(ValueError, match="bfloat16"):
+            sra.sra_attention(q, k, v, layer, case.L, CONFIG, backend="triton")
 
 
 def test_bad_input(check):
     case = cases.SRA[1]  # a case whose rows SRA touches: the kernel runs
     q, k, v = cases.sra_inputs(case, F32)
-    with pytest.raises(ValueError, match="head_dim"):
-        sra.sra_attention(q[..., :8], k[..., :8], v[..., :8], case.layer, case.L, CONFIG, backend="triton")
+    for layer in (case.layer, case.L - 1):  # the last layer: no row touched, checked all the same
+        with pytest.raises(ValueError, match="head_dim"):
+            sra.sra_attention(q[..., :8], k[..., :8], v[..., :8], layer, case.L, CONFIG, backend="triton")
     with pytest.raises(ValueError, match="dtype"):
         sra.sra_attention(q.double(), k.double(), v.double(), case.layer, case.L, CONFIG, backend="triton")
     with pytest.raises(ValueError, match="prefill"):
