@@ -1,7 +1,7 @@
 """The setup cell that opens every notebook, written from one template.
 
     python scripts/colab_setup_cell.py           # print the cell
-    python scripts/colab_setup_cell.py --write   # put it into every notebook, and rewrite every Colab badge
+    python scripts/colab_setup_cell.py --write   # put it (and the closing cell) into every notebook, rewrite the badges
 
 The repository's address lives in one place, ``[project.urls] Repository`` in pyproject.toml;
 the cell and the README's Colab badges are made from it (tests/test_colab.py checks both).
@@ -36,7 +36,8 @@ def repository_url() -> str:
 TEMPLATE = '''\
 # Setup. In Colab: clone this repository and install what it needs into the running kernel
 # (about a minute; running it again is harmless). Locally, `make setup` did it: nothing happens.
-import importlib, os, subprocess, sys
+import importlib, os, subprocess, sys, time
+NOTEBOOK_START = time.time()  # the last cell prints the commit and the minutes this run took
 if "google.colab" in sys.modules:
     REPO_URL = os.environ.get("MINIMAL_REPO_URL", "{url}")
     repo = os.environ.get("MINIMAL_CLONE_DIR", "/content/minimal")
@@ -56,6 +57,15 @@ if "google.colab" in sys.modules:
         sys.path.insert(0, repo)  # import minimal from the clone, beside its data/ and weights/
     importlib.invalidate_caches()
     os.chdir(f"{{repo}}/notebooks")'''
+
+
+CLOSING = """\
+# This run: the commit of the code it used, the profile and its time (the committed outputs: `make notebooks`)
+from minimal import get_profile
+commit = subprocess.run(["git", "log", "-1", "--format=%h (%cs)"], capture_output=True, text=True).stdout.strip()
+changed = subprocess.run(["git", "status", "--porcelain", "--", "../minimal"], capture_output=True, text=True).stdout
+print(f"minimal at commit {commit or '? (not a git checkout)'}{' + local changes' if changed.strip() else ''} | "
+      f"profile {get_profile().name} | {(time.time() - NOTEBOOK_START) / 60:.1f} min")"""
 
 
 def setup_cell() -> str:
@@ -78,16 +88,21 @@ def _rebadge(text: str) -> str:
 
 
 def write(notebooks) -> None:
-    """The setup cell into every notebook, and every Colab badge (notebooks, README) from the URL."""
+    """The setup and closing cells into every notebook, and every Colab badge (notebooks, README) from the URL."""
     for path in notebooks:
         nb = json.loads(path.read_text())
         cell = [c for c in nb["cells"] if c["cell_type"] == "code"][0]
         cell["source"] = setup_cell().splitlines(keepends=True)
         cell["outputs"], cell["execution_count"] = [], None
+        last = nb["cells"][-1]
+        if not "".join(last["source"]).startswith(CLOSING.splitlines()[0]):  # append the closing cell once
+            last = {"cell_type": "code", "execution_count": None, "id": "closing", "metadata": {}, "outputs": []}
+            nb["cells"].append(last)
+        last["source"] = CLOSING.splitlines(keepends=True)
         intro = nb["cells"][0]
         intro["source"] = _rebadge("".join(intro["source"])).splitlines(keepends=True)
         path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote the setup cell and badge of {path.relative_to(ROOT)}")
+        print(f"wrote the setup and closing cells and the badge of {path.relative_to(ROOT)}")
     readme = ROOT / "README.md"
     readme.write_text(_rebadge(readme.read_text()))
     print("wrote the README's badges")

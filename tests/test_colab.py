@@ -28,6 +28,8 @@ def test_every_setup_cell_and_badge_is_made_from_the_one_url():
     for path in NOTEBOOKS:
         assert code_cells(path)[0] == colab_setup_cell.setup_cell(), (
             f"{path.name}: its setup cell differs; run python scripts/colab_setup_cell.py --write")
+        assert code_cells(path)[-1] == colab_setup_cell.CLOSING, (
+            f"{path.name}: its last cell is not the closing cell; run python scripts/colab_setup_cell.py --write")
         intro = "".join(json.loads(path.read_text())["cells"][0]["source"])
         assert colab_setup_cell.badge(path.name) in intro, f"{path.name}: its Colab badge is not made from {url}"
     readme = (ROOT / "README.md").read_text()
