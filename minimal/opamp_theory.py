@@ -1,13 +1,12 @@
-"""Notebook 01 (OpAmp theory): synthetic attention maps, their summary, a plot, and a check of
-the OpAmp reference (``minimal.attention``, arXiv 2502.12502) against transformers' DiffLlama.
+"""Notebook 01 (OpAmp theory): synthetic attention maps, their summary, a plot, and a check of the OpAmp reference
+(``minimal.attention``, arXiv 2502.12502) against transformers' DiffLlama.
 
     M = K (M+ - M-) + (M+ + M-)/2 = C + K S
     C = (M+ + M-)/2     common mode      rows sum to 1
     S =  M+ - M-        differential     rows sum to 0
 
-The synthetic maps make that split visible: both share one noise map N (an attention sink and
-look-alike documents: "common-mode noise") and differ in how much attention goes to the gold
-document R. Nothing here is trained: a picture of the formula, not of a model.
+The synthetic maps show that split: both share one noise map N (sink, look-alike documents: "common-mode noise")
+and differ on the gold document R. Nothing is trained: a picture of the formula, not of a model.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ __all__ = ["SyntheticMaps", "synthetic_maps", "map_summary", "plot_map", "diffll
 
 @dataclass
 class SyntheticMaps:
-    """Two attention maps over one synthetic context: m_plus, m_minus, noise (N), signal (R), each (Q, S)
-    with rows = the Q question tokens; doc_spans: the documents' key ranges; gold: the gold document's
-    index in doc_spans; sink: the attention sink's key index (the first token)."""
+    """Two attention maps over one synthetic context: m_plus, m_minus, noise (N), signal (R), each (Q, S), rows the
+    Q question tokens; doc_spans: the documents' key ranges; gold: the gold one's index; sink: the sink's key index."""
 
     m_plus: torch.Tensor
     m_minus: torch.Tensor
@@ -44,12 +42,11 @@ def _normalise(weights, allowed):  # rows sum to 1 over the allowed keys
 
 def synthetic_maps(num_docs=6, doc_len=6, question_len=8, gold=2, signal_plus=0.3, signal_minus=0.2,
                    mismatch=0.02, seed=0, dtype=torch.float64) -> SyntheticMaps:
-    """Two attention maps that share their noise and differ on the gold document.
-
-    Keys ``[sink, 2 template tokens, num_docs documents of doc_len, question_len question tokens]``;
-    rows: the question tokens, causal. N (shared noise): a heavy sink, look-alike documents (one random
-    weight each), jitter, recent question tokens; R: uniform over the gold document; E1, E2: small
-    independent random maps (two maps never share their noise exactly). Every map is a valid one::
+    """Two attention maps that share their noise and differ on the gold document. Keys ``[sink, 2 template
+    tokens, num_docs documents of doc_len, question_len question tokens]``; rows: the question tokens, causal.
+    N (shared noise): a heavy sink, look-alike documents (one random weight each), jitter, recent question tokens;
+    R: uniform over the gold document; E1, E2: small independent random maps (two maps never share their noise
+    exactly). Every map is a valid one::
 
         M+ = (1 - a - e) N + a R + e E1,     a = signal_plus
         M- = (1 - b - e) N + b R + e E2,     b = signal_minus,  e = mismatch
@@ -65,8 +62,7 @@ def synthetic_maps(num_docs=6, doc_len=6, question_len=8, gold=2, signal_plus=0.
     first_doc = 3  # sink + 2 template tokens
     doc_spans = [(first_doc + i * doc_len, first_doc + (i + 1) * doc_len) for i in range(num_docs)]
     S = first_doc + num_docs * doc_len + question_len
-    pos = torch.arange(S - question_len, S)  # (Q,) positions of the question rows
-    allowed = (torch.arange(S)[None, :] <= pos[:, None]).to(dtype)  # (Q, S) causal
+    allowed = torch.ones(question_len, S, dtype=dtype).tril(S - question_len)  # (Q, S) causal, row i at position S-Q+i
 
     rand = lambda *shape: torch.rand(*shape, generator=g, dtype=dtype)  # noqa: E731
     w = 0.2 * rand(question_len, S)  # (Q, S) jitter everywhere
@@ -91,10 +87,9 @@ def map_summary(m, doc_spans, gold, sink=0) -> dict:
     (count, ``negative_frac``), the ``min`` entry, ``row_sum_error`` = max |row sum - 1|."""
     span_mass = torch.stack([m[:, s:e].sum(-1) for s, e in doc_spans], -1)  # (Q, docs)
     distractors = [i for i in range(len(doc_spans)) if i != gold]
-    gs, ge = doc_spans[gold]
     return dict(gold=span_mass[:, gold].mean().item(), distractor=span_mass[:, distractors].mean().item(),
                 sink=m[:, sink].mean().item(),
-                gold_share_abs=(m[:, gs:ge].abs().sum(-1) / m.abs().sum(-1)).mean().item(),
+                gold_share_abs=(m[:, slice(*doc_spans[gold])].abs().sum(-1) / m.abs().sum(-1)).mean().item(),
                 negative=int((m < 0).sum()), negative_frac=(m < 0).double().mean().item(), min=m.min().item(),
                 row_sum_error=(m.sum(-1) - 1).abs().max().item())
 
@@ -109,24 +104,20 @@ def plot_map(ax, m, title="", doc_spans=(), gold=None):
         for x in (start - 0.5, end - 0.5):
             ax.axvline(x, color="green" if i == gold else "0.6", lw=2.0 if i == gold else 0.5)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("key position")
-    ax.set_ylabel("question token")
+    ax.set(xlabel="key position", ylabel="question token")
     ax.figure.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     return ax
 
 
 def diffllama_vs_opamp(K, batch=2, seq=9, heads=4, kv_heads=2, head_dim=16, keep_norm=False, seed=0):
-    """Run transformers' own ``DiffLlamaAttention.forward`` and OpAmp on the same projections.
-
-    Returns ``(diffllama, opamp)``, both (B, T, H * D) float64, equal up to DiffLlama's fp32 softmax
-    (~1e-7 relative) unless ``keep_norm``. DiffLlama (transformers 5.x, arXiv 2410.05258): query heads
-    ``i < H/2`` with the first half of the KV heads form map 1, the rest map 2, each reading values of
-    width 2D (both V halves); ``out = (1 - lambda_init) RMSNorm(O1 - lambda_full O2)``, then ``o_proj``,
-    ``lambda_full = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init``. With ``lambda_full = (K - 1/2)/(K + 1/2)``,
-    o_proj, RoPE and (unless keep_norm) the per-head RMSNorm made identities,
-    DiffLlama = (1 - lambda_init)/(K + 1/2) x OpAmp, OpAmp run once per V half (it is linear in V).
-    The last batch item is right-padded (3 keys) to exercise the mask.
-    """
+    """Run transformers' own ``DiffLlamaAttention.forward`` and OpAmp on the same projections: ``(diffllama, opamp)``,
+    both (B, T, H * D) float64, equal up to DiffLlama's fp32 softmax (~1e-7 relative) unless ``keep_norm``.
+    DiffLlama (transformers 5.x, arXiv 2410.05258): query heads ``i < H/2`` with the first half of the KV heads form
+    map 1, the rest map 2, each reading values of width 2D (both V halves), then ``o_proj`` of
+        out = (1 - lambda_init) RMSNorm(O1 - lambda_full O2),  lambda_full = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init
+    With ``lambda_full = (K - 1/2)/(K + 1/2)``, o_proj, RoPE and (unless keep_norm) the per-head RMSNorm made
+    identities, DiffLlama = (1 - lambda_init)/(K + 1/2) x OpAmp, OpAmp run once per V half (it is linear in V).
+    The last batch item is right-padded (3 keys) to exercise the mask."""
     from transformers import DiffLlamaConfig
     from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention
 
@@ -134,8 +125,7 @@ def diffllama_vs_opamp(K, batch=2, seq=9, heads=4, kv_heads=2, head_dim=16, keep
         raise ValueError(f"K (the CMRR) must be a finite number > 0, got {K!r}")
     B, T, H, Hkv, D, dt = batch, seq, heads, kv_heads, head_dim, torch.float64
     cfg = DiffLlamaConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
-                          intermediate_size=32, num_hidden_layers=1, vocab_size=16)
-    cfg._attn_implementation = "eager"
+                          intermediate_size=32, num_hidden_layers=1, vocab_size=16, attn_implementation="eager")
     torch.manual_seed(seed)
     attn = DiffLlamaAttention(cfg, layer_idx=1).to(dt).eval()
 
