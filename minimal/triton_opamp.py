@@ -6,13 +6,12 @@ rounding; read it first)::
     M+ = softmax(Q1 K1^T s + mask),  M- = softmax(Q2 K2^T s + mask)          (B, H, T, S)
     O  = (K (M+ - M-) + (M+ + M-)/2) V = a M+ V - b M- V,   a = K + 1/2,  b = K - 1/2
 
-The kernels follow FlashAttention-2 (Dao, 2023) and Triton's fused-attention tutorial. Forward:
-one program per (query block, batch*head) streams over key blocks keeping TWO online-softmax
-states (as in ``minimal/triton_flash.py``), one per map; each V tile is loaded once for both.
-It saves each map's log-sum-exp and own output O1 = M+ V, O2 = M- V for the backward: two
-kernels that recompute the probabilities, one per (key block, batch*KV head) for dK1, dK2, dV
-(looping over its GQA group: K/V never repeated, no atomics), one per (query block, batch*head)
-for dQ1, dQ2. Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
+The kernels follow FlashAttention-2 (Dao, 2023) and Triton's fused-attention tutorial. Forward: one program
+per (query block, batch*head) streams over key blocks keeping TWO online-softmax states (as in
+``minimal/triton_flash.py``), one per map; each V tile is loaded once for both. It saves each map's log-sum-exp
+and own output O1 = M+ V, O2 = M- V for the backward: two kernels that recompute the probabilities, one per
+(key block, batch*KV head) for dK1, dK2, dV (looping over its GQA group: K/V never repeated, no atomics), one
+per (query block, batch*head) for dQ1, dQ2. Backward math, per query row i (dO is the gradient of O; c1 = a, c2 = -b):
 
     O      = c1 P1 V + c2 P2 V                      P1 = M+, P2 = M-
     dV     = (c1 P1 + c2 P2)^T dO                   one matmul for both maps
@@ -74,8 +73,7 @@ def _probs(q, k, lse, allowed, qk_scale, PRECISION: tl.constexpr):
 def _opamp_fwd_kernel(
     Q1, K1, Q2, K2, V, PAD,  # inputs: (B,H,T,D) x2, (B,Hkv,S,D) x3, (B,S) int8 or unused
     O, O1, O2, LSE1, LSE2,  # outputs: (B,H,T,D) x3, (B,H,T) fp32 x2 (O1.. only if SAVE)
-    qk_scale, gain_plus, gain_minus,  # scale*log2(e), a = K + 1/2, b = K - 1/2
-    H, GROUP, T, S, D,  # GROUP = H // Hkv query heads per KV head
+    qk_scale, gain_plus, gain_minus, H, GROUP, T, S, D,  # scale*log2(e), a = K + 1/2, b = K - 1/2, GROUP = H // Hkv
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -91,8 +89,7 @@ def _opamp_fwd_kernel(
     q1 = tl.load(Q1 + q_idx, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     q2 = tl.load(Q2 + q_idx, mask=q_mask, other=0.0)
 
-    # two online-softmax states, one per map
-    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max
+    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # two online-softmax states, one per map: running max
     l1 = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m)
     acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # running sum of exp2(score - m) * v
     m2, l2, acc2 = m1, l1, acc1
@@ -129,8 +126,7 @@ def _opamp_fwd_kernel(
 def _opamp_bwd_dkdv_kernel(  # dK1, dK2, dV: one program per (key block, batch*KV head)
     Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,  # D1, D2: (B,H,T) fp32 rowsum(dO * Ok)
     DK1, DK2, DV,  # outputs (B,Hkv,S,D)
-    qk_scale, sm_scale, gain_plus, gain_minus,
-    H, GROUP, T, S, D,
+    qk_scale, sm_scale, gain_plus, gain_minus, H, GROUP, T, S, D,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -189,8 +185,7 @@ def _opamp_bwd_dkdv_kernel(  # dK1, dK2, dV: one program per (key block, batch*K
 def _opamp_bwd_dq_kernel(  # dQ1, dQ2: one program per (query block, batch*head), like the forward
     Q1, K1, Q2, K2, V, PAD, DO, LSE1, LSE2, D1, D2,
     DQ1, DQ2,  # outputs (B,H,T,D)
-    qk_scale, sm_scale, gain_plus, gain_minus,
-    H, GROUP, T, S, D,
+    qk_scale, sm_scale, gain_plus, gain_minus, H, GROUP, T, S, D,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -248,10 +243,8 @@ class _OpAmpAttention(torch.autograd.Function):
         blocks, launch = launch_settings(D, q1.dtype)
 
         o = torch.empty_like(q1)  # (B, H, T, D)
-        o1 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M+ V
-        o2 = torch.empty_like(q1) if save else o  # (B, H, T, D)  M- V
-        lse1 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
-        lse2 = torch.empty(B, H, T, device=q1.device, dtype=torch.float32) if save else o
+        o1, o2 = torch.empty(2, *q1.shape, device=q1.device, dtype=q1.dtype) if save else (o, o)  # M+ V, M- V
+        lse1, lse2 = torch.empty(2, B, H, T, device=q1.device, dtype=torch.float32) if save else (o, o)
         grid = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)
         with on_device(q1):
             _opamp_fwd_kernel[grid](q1, k1, q2, k2, v, pad if pad is not None else q1, o, o1, o2, lse1, lse2,
@@ -271,20 +264,15 @@ class _OpAmpAttention(torch.autograd.Function):
         (B, H, T, D), (Hkv, S) = q1.shape, k1.shape[1:3]
         do = do.contiguous()
 
-        # per-map "delta" of the softmax backward: Dk = rowsum(dO * Ok), (B, H, T) fp32
-        d1 = (do.float() * o1.float()).sum(-1)
-        d2 = (do.float() * o2.float()).sum(-1)
-
+        d1, d2 = ((do.float() * o.float()).sum(-1) for o in (o1, o2))  # per-map delta Dk = rowsum(dO * Ok), (B, H, T)
         dq1, dq2 = torch.empty_like(q1), torch.empty_like(q2)
         dk1, dk2, dv = torch.empty_like(k1), torch.empty_like(k2), torch.empty_like(v)
         args = (q1, k1, q2, k2, v, pad if pad is not None else q1, do, lse1, lse2, d1, d2)
         consts = dict(CAUSAL=causal, HAS_PAD=pad is not None, PRECISION=precision, **blocks, **launch)
         sizes = (scale * LOG2E, scale, a, b, H, H // Hkv, T, S, D)
-        grid_kv = (triton.cdiv(S, blocks["BLOCK_N"]), B * Hkv)  # one program per key block
-        grid_q = (triton.cdiv(T, blocks["BLOCK_M"]), B * H)  # one program per query block
-        with on_device(q1):
-            _opamp_bwd_dkdv_kernel[grid_kv](*args, dk1, dk2, dv, *sizes, **consts)
-            _opamp_bwd_dq_kernel[grid_q](*args, dq1, dq2, *sizes, **consts)
+        with on_device(q1):  # one program per key block, then one per query block
+            _opamp_bwd_dkdv_kernel[(triton.cdiv(S, blocks["BLOCK_N"]), B * Hkv)](*args, dk1, dk2, dv, *sizes, **consts)
+            _opamp_bwd_dq_kernel[(triton.cdiv(T, blocks["BLOCK_M"]), B * H)](*args, dq1, dq2, *sizes, **consts)
         return dq1, dk1, dq2, dk2, dv, None, None, None, None, None
 
 
