@@ -1,11 +1,8 @@
 """What a method costs at inference: prefill time and peak memory, measured side by side.
 
-Timings on a shared machine drift (other processes, CPU frequency, caches), so a method is never timed
-alone: :func:`latency_ratio` runs the base model and the method back to back, alternating their order
-(ABBA), and reports the median of the paired ratios, which is comparable across runs; absolute seconds
-are not. :func:`peak_memory_mb` is the extra memory one call needs at its peak: on CUDA from PyTorch's
-allocator, on Linux CPUs from the process's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``) after handing freed heap back to the system (``malloc_trim``); else None.
+Timings on a shared machine drift (other processes, CPU frequency, caches), so a method is never timed alone:
+:func:`latency_ratio` runs the base model and the method back to back, alternating their order (ABBA), and
+reports the median of the paired ratios, which is comparable across runs; absolute seconds are not.
 """
 
 from __future__ import annotations
@@ -20,9 +17,8 @@ import torch
 
 @torch.no_grad()
 def latency_ratio(base, other, input_ids, *, attention_mask=None, repeats: int = 11, warmup: int = 2) -> dict:
-    """Prefill time of ``other`` over ``base`` on the same batch: each repeat times both back to back
-    (order alternating) and gives ``t_other / t_base``; returns ``{"ratio", "base_s", "other_s",
-    "repeats"}``, the medians (seconds)."""
+    """Prefill time of ``other`` over ``base`` on one batch: each repeat times both back to back (order alternating),
+    giving ``t_other / t_base``; returns the medians ``{"ratio", "base_s", "other_s", "repeats"}`` (seconds)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: need at least 1")
 
@@ -51,9 +47,8 @@ def _status_kb(field: str) -> int:
 
 @torch.no_grad()
 def peak_memory_mb(fn, device="cpu") -> float | None:
-    """Extra memory (MiB) ``fn()`` needs at its peak above what was in use before: CUDA,
-    ``max_memory_allocated`` during the call minus ``memory_allocated`` before; CPU (Linux), the peak
-    resident memory (VmHWM) during the call minus the resident memory before; else None."""
+    """Extra MiB ``fn()`` needs at its peak: on CUDA ``max_memory_allocated`` during the call minus ``memory_allocated``
+    before; on Linux CPUs the peak resident memory (VmHWM) during the call minus the resident one before; else None."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

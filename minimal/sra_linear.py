@@ -1,9 +1,7 @@
-"""Scaled ReAttention in linear memory: the same output as ``minimal.sra.sra_attention_eager``
-without any (T, T) tensor.
-
-Every row first gets plain (flash) attention. SRA touches few rows per layer (one chunk of c
-rows and the t tail rows), and those are recomputed by a *rows function* that needs only sums
-over keys once a row's log-sum-exp is known (per row i, window W = [lo, hi), p_j = exp(s_j - lse)):
+"""Scaled ReAttention in linear memory: the same output as ``minimal.sra.sra_attention_eager`` without any (T, T)
+tensor. Every row first gets plain (flash) attention. SRA touches few rows per layer (one chunk of c rows and the
+t tail rows), and those are recomputed by a *rows function* that needs only sums over keys once a row's
+log-sum-exp is known (per row i, window W = [lo, hi), p_j = exp(s_j - lse)):
 
     pass 1   lse_i = log sum_j exp(s_ij)
     pass 2   kept  = sum_{p_j >= theta} p_j v_j        r = 1 - sum_{p_j >= theta} p_j
@@ -11,8 +9,8 @@ over keys once a row's log-sum-exp is known (per row i, window W = [lo, hi), p_j
              valid = any_{j in W} p_j > theta
     output   kept + r g mv / M where valid, else the plain row
 
-Rows functions: ``blocked_rows`` here (PyTorch, a block of rows against all keys) and
-``minimal.triton_sra.sra_rows`` (Triton). The plan (theta, lo, hi) comes from ``minimal.sra.row_plan``.
+Rows functions: ``blocked_rows`` here (PyTorch, a block of rows against all keys) and ``minimal.triton_sra.sra_rows``
+(Triton). The plan (theta, lo, hi) comes from ``minimal.sra.row_plan``.
 """
 
 from __future__ import annotations
@@ -32,15 +30,14 @@ def real_tokens(lengths, T: int, device=None) -> torch.Tensor:
 def plain_attention(q, k, v, lengths, scale):
     """Causal attention, one sequence at a time on its real tokens (SDPA: flash, linear memory).
     q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); padding rows are 0."""
-    T = q.shape[2]
+    T, causal = q.shape[2], dict(is_causal=True, scale=scale, enable_gqa=True)
     if all(n == T for n in lengths):  # no padding: one batched call
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, **causal)
     out = torch.zeros_like(q)
     for b, n in enumerate(lengths):
         if n:
-            real = (slice(b, b + 1), slice(None), slice(T - n, T))
-            out[real] = F.scaled_dot_product_attention(q[real], k[real], v[real], is_causal=True, scale=scale,
-                                                       enable_gqa=True)
+            real = (slice(b, b + 1), slice(None), slice(T - n, T))  # item b, its real positions
+            out[real] = F.scaled_dot_product_attention(q[real], k[real], v[real], **causal)
     return out
 
 
@@ -52,10 +49,9 @@ def touched_spans(touched) -> list[tuple[int, int]]:
 
 
 def sra_output(q, k, v, theta, lo, hi, lengths, scale, gain, rows_fn):
-    """Plain attention for every row, then ``rows_fn`` for the rows the plan touches: (B, H, T, D).
-    q (B, H, T, D); k, v (B, Hkv, T, D); theta, lo, hi (B, T) the plan (lo = hi: untouched); lengths: real
-    tokens per item. ``rows_fn(q_rows, k, v, theta, lo, hi, key_real, scale, gain) -> (out (B, H, R, D),
-    valid (B, H, R))`` for R rows, the last R of S positions; its output replaces the plain one where valid."""
+    """Plain attention for every row, then ``rows_fn`` for the rows the plan touches: (B, H, T, D). q (B, H, T, D);
+    k, v (B, Hkv, T, D); theta, lo, hi (B, T) the plan (lo = hi: untouched); lengths: real tokens per item.
+    ``rows_fn``: as ``blocked_rows`` (same arguments and returns); its output replaces the plain one where valid."""
     T = q.shape[2]
     out = plain_attention(q, k, v, lengths, scale)  # (B, H, T, D)
     key_real = real_tokens(lengths, T, q.device)  # (B, T)
@@ -68,9 +64,9 @@ def sra_output(q, k, v, theta, lo, hi, lengths, scale, gain, rows_fn):
 
 
 def blocked_rows(q, k, v, theta, lo, hi, key_real, scale, gain, tile=2**20):
-    """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R))``.
-    q (B, H, R, D); k, v (B, Hkv, S, D); theta, lo, hi (B, R); key_real (B, S). A block of rows (about
-    ``tile`` scores) against all keys: pass 1 is one softmax, pass 2 one matmul; memory O(tile)."""
+    """SRA for R query rows, the last R of S positions: ``(out (B, H, R, D), valid (B, H, R))``. q (B, H, R, D);
+    k, v (B, Hkv, S, D); theta, lo, hi (B, R); key_real (B, S). A block of rows (about ``tile`` scores) against
+    all keys: pass 1 is one softmax, pass 2 one matmul; memory O(tile)."""
     (B, H, R, D), S = q.shape, k.shape[2]
     out = torch.zeros(B, H, R, D, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     valid = torch.zeros(B, H, R, dtype=torch.bool, device=q.device)
