@@ -1,11 +1,10 @@
 """How attention mass is spread, and perplexity on a text.
 
-Scaled ReAttention (Gao et al., arXiv 2307.13365) sorts a row's probabilities into bands: a few
-"linchpins" (p > 0.05) carry most of the mass, "hidden gems" (0.01 <= p <= 0.05) useful signal,
-and the many "small potatoes" (p < 0.01) can be dropped with little loss. We measure that on a
-small model (``attention_statistics``), drop them (``elimination_curve``, ``minimal.eliminate``),
-and score perplexity on the shipped text (``load_text``): facts about people, then questions and
-answers about them, so the answer tokens measure retrieval from far back in the text.
+Scaled ReAttention (Gao et al., arXiv 2307.13365) sorts a row's probabilities into bands: a few "linchpins"
+(p > 0.05) carry most of the mass, "hidden gems" (0.01 <= p <= 0.05) useful signal, and the many "small potatoes"
+(p < 0.01) can be dropped with little loss. We measure that on a small model (``attention_statistics``), drop
+them (``elimination_curve``, ``minimal.eliminate``), and score perplexity on the shipped text (``load_text``):
+facts about people, then questions and answers about them, so the answer tokens measure retrieval from far back.
 """
 
 from __future__ import annotations
@@ -39,8 +38,7 @@ class AttentionStatistics:
             raise ValueError(f"thresholds must lie in (0, 1), got {thresholds!r}")
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        self.block_rows = block_rows
-        self.counts: dict[int, dict] = {}
+        self.block_rows, self.counts = block_rows, {}  # counts: {layer: {selection: [entries, mass]}}
 
     @torch.no_grad()
     def record(self, module, query, key, attention_mask, scaling):
@@ -56,9 +54,7 @@ class AttentionStatistics:
         for r0, r1 in row_blocks(T, 1, self.block_rows):
             rows = torch.arange(r0, r1, device=query.device)
             p = probs_fn(module, query, key, attention_mask, scaling, rows).float()  # (B, H, R, S)
-            allowed = allowed_all[..., r0:r1, :].expand(p.shape[0], 1, -1, -1)  # (B, 1, R, S)
-            allowed = (allowed & allowed.any(-1, keepdim=True)).expand_as(p)  # padding rows see no key: skip them
-            vals = p[allowed]  # the causal entries of real tokens, flattened
+            vals = p[allowed_all[..., r0:r1, :].expand_as(p)]  # the causal entries of real tokens, flattened
             for name, select in selections.items():
                 chosen = vals[select(vals)]
                 c[name][0] += chosen.numel()
@@ -99,8 +95,7 @@ def elimination_curve(model, tokenizer, taus, *, text_ids, answer_mask=None, exa
     from .evaluate import accuracy_grid, evaluate, wilson_interval
 
     rows = []
-    desc = "elimination" + (" (renormalised)" if renormalize else "")
-    for tau in tqdm(list(taus), desc=desc, disable=not progress):
+    for tau in tqdm(list(taus), desc="elimination" + " (renormalised)" * renormalize, disable=not progress):
         with eliminate(model, tau, renormalize):
             nll = token_nll(model, text_ids)
             records = evaluate(model, tokenizer, list(examples), batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -111,9 +106,7 @@ def elimination_curve(model, tokenizer, taus, *, text_ids, answer_mask=None, exa
             "tau": tau, "ppl": perplexity(nll),
             "answer_ppl": perplexity(nll, answer_mask) if answer_mask is not None and answer_mask.any() else math.nan,
             "n": len(records), "correct": correct, "accuracy": correct / len(records) if records else math.nan,
-            "low": low, "high": high,
-            "by_noise": accuracy_grid(records, by=("noise_ratio",)) if records else [],
-        })
+            "low": low, "high": high, "by_noise": accuracy_grid(records, by=("noise_ratio",)) if records else []})
     return rows
 
 
@@ -136,8 +129,7 @@ def perplexity(nll: torch.Tensor, mask: torch.Tensor | None = None) -> float:
 def make_fact_text(n_examples: int = 24, num_distractors: int = 7, seed: int = 0) -> str:
     """Every ``data.generate`` (train) example's documents as one list of facts, then each question and
     answer ("Q: ...", "A: ..."), leaving out questions whose person has facts in two examples."""
-    examples = data.generate(n_examples, num_distractors=num_distractors, gold_position="random",
-                             split="train", seed=seed)
+    examples = data.generate(n_examples, num_distractors=num_distractors, split="train", seed=seed)
     facts = [doc for ex in examples for doc in ex["documents"]]
     qa = []
     for ex in examples:
