@@ -1,9 +1,8 @@
-"""A compact fine-tuning loop for noisy-context QA: OpAmp adapters, LoRA, or both (QLoRA on GPU).
+"""A compact fine-tuning loop for noisy-context QA (train split): OpAmp adapters, LoRA, or both (QLoRA on GPU).
 
-The recipe of the OpAmp authors' code (arXiv 2502.12502): loss on the answer tokens only (prompt,
-gold answer, end-of-turn token; right-padded), AdamW at lr 2e-4, cosine schedule with 3% warm-up,
-gradient-norm clipping at 0.5, LoRA r=64, alpha=16, dropout 0.1 on every linear layer of the blocks
-(QLoRA: NF4 4-bit, double quantisation). Training data come from the train split.
+The recipe of the OpAmp authors' code (arXiv 2502.12502): loss on the answer tokens only (prompt, gold answer,
+end-of-turn token; right-padded), AdamW at lr 2e-4, cosine schedule with 3% warm-up, gradient-norm clipping at 0.5,
+LoRA r=64, alpha=16, dropout 0.1 on every linear layer of the blocks (QLoRA: NF4 4-bit, double quantisation).
 
 >>> model, tok, history = adapt("smollm2-135m", training_examples(400), TrainConfig(steps=100), K=10)
 """
@@ -14,7 +13,6 @@ import argparse
 import contextlib
 import hashlib
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -36,7 +34,6 @@ NOISE_RATIOS = (0.0, 0.5, 0.8, 0.9)
 @dataclass
 class TrainConfig:
     """Hyper-parameters of :func:`train` (defaults: the authors' recipe, except steps and batch)."""
-
     steps: int = 100  # optimizer steps
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -62,9 +59,9 @@ def training_examples(n: int, noise_ratios=NOISE_RATIOS, seed: int = 0) -> list[
 
 
 def training_mix(n: int, seed: int = 0, nq_share: float = 0.5) -> list[dict]:
-    """The recipe aimed beyond the templates: ``n`` examples, shuffled (seeded), ``nq_share`` of them
-    Natural Questions with look-alike passages (``data.nq_examples``), the rest ``family="varied"``
-    synthetic questions at noise 0 to 0.9. None shares a question, passage or phrasing with a test set."""
+    """The recipe aimed beyond the templates: ``n`` examples, shuffled (seeded), ``nq_share`` of them Natural Questions
+    with look-alike passages (``data.nq_examples``), the rest ``family="varied"`` synthetic questions at noise 0 to 0.9.
+    None shares a question, passage or phrasing with a test set."""
     if not 0 <= nq_share <= 1:
         raise ValueError(f"nq_share must be in [0, 1], got {nq_share!r}")
     n_nq = round(n * nq_share)
@@ -91,17 +88,15 @@ def collate(encoded, pad_token_id: int):
     """Right-pad a list of ``(input_ids, labels)``: input_ids, attention_mask, labels, each (B, L)."""
     L = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), L), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(encoded), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), L), dtype=torch.long)
+    labels, mask = torch.full_like(input_ids, -100), torch.zeros_like(input_ids)
     for b, (ids, lab) in enumerate(encoded):
         input_ids[b, : len(ids)], labels[b, : len(ids)], mask[b, : len(ids)] = ids, lab, 1
     return input_ids, mask, labels
 
 
 def prepare_for_training(model, lora: bool = True, r: int = 64, alpha: int = 16, seed: int = 0):
-    """Freeze the base model; train LoRA (if ``lora``, on ``LORA_TARGETS``, never on the OpAmp
-    adapters' ``w_down``/``w_up``) and the OpAmp adapters (if any; PEFT freezes them, so they are
-    switched back on). Returns the model to train (a ``PeftModel`` when ``lora``)."""
+    """Freeze the base model; train LoRA (if ``lora``: on ``LORA_TARGETS``, never on the OpAmp adapters' ``w_down``,
+    ``w_up``) and the OpAmp adapters (if any; PEFT freezes them: switched back on). A ``PeftModel`` if ``lora``."""
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -132,8 +127,7 @@ def load_model_4bit(name: str = "Qwen/Qwen2.5-0.5B-Instruct"):
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    path = models.default_model_path() if name == models.DEFAULT_MODEL else name
-    dtype = models.compute_dtype("cuda")
+    path, dtype = models.default_model_path() if name == models.DEFAULT_MODEL else name, models.compute_dtype("cuda")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
     model = models.pretrained(path, quantization_config=quant, dtype=dtype,
@@ -146,18 +140,16 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
           accelerator=None, desc: str = "train") -> dict:
     """Train the parameters that require grad; returns ``{"loss": [...], "lr": [...], "seconds": s}``.
 
-    A step: ``grad_accum`` micro-batches of ``batch_size`` examples (a seeded shuffle, cycled), loss
-    = mean cross-entropy on answer tokens, clip the gradient norm, AdamW, cosine lr after a linear
-    warm-up; CUDA autocasts to ``models.compute_dtype`` (fp16 with a gradient scaler). Under an
-    ``accelerate.Accelerator`` each process takes every world_size-th example. Ends in eval mode."""
+    A step: ``grad_accum`` micro-batches of ``batch_size`` examples (seeded shuffle, cycled), loss = mean cross-entropy
+    on answer tokens, clip the gradient norm, AdamW, cosine lr after linear warm-up; CUDA autocasts to ``compute_dtype``
+    (fp16: gradient scaler). Under ``accelerate`` each process takes every world_size-th example. Ends in eval mode."""
     from transformers import get_cosine_schedule_with_warmup
 
     config = config or TrainConfig()
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = next(model.parameters()).device
+    params, device = [p for p in model.parameters() if p.requires_grad], next(model.parameters()).device
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup * config.steps), config.steps)
     if accelerator is not None:
@@ -167,22 +159,18 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
         device, progress = accelerator.device, progress and accelerator.is_main_process
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
-
-    def batches():  # batch_size examples at a time, cycling through the shuffled order
-        for start in itertools.count(0, config.batch_size):
-            idx = [order[i % len(order)] for i in range(start, start + config.batch_size)]
-            yield [t.to(device) for t in collate([encode_example(tokenizer, examples[i]) for i in idx],
-                                                 tokenizer.pad_token_id)]
-
     use_autocast = device.type == "cuda" and accelerator is None  # accelerate handles its own precision
     amp_dtype = models.compute_dtype(device)  # bf16 where the GPU has it, else fp16 (Colab's T4)
     scaler = torch.amp.GradScaler("cuda", enabled=use_autocast and amp_dtype == torch.float16)  # fp16 needs it
-    history, start, stream = {"loss": [], "lr": []}, time.time(), batches()
+    history, start = {"loss": [], "lr": []}, time.time()
     model.train()
-    for _ in (bar := tqdm(range(config.steps), desc=desc, disable=not progress)):
+    for step in (bar := tqdm(range(config.steps), desc=desc, disable=not progress)):
         total = 0.0
-        for _ in range(config.grad_accum):
-            input_ids, mask, labels = next(stream)
+        for micro in range(config.grad_accum):  # batch_size examples at a time, cycling through the shuffled order
+            first = (step * config.grad_accum + micro) * config.batch_size
+            idx = [order[i % len(order)] for i in range(first, first + config.batch_size)]
+            encoded = collate([encode_example(tokenizer, examples[i]) for i in idx], tokenizer.pad_token_id)
+            input_ids, mask, labels = (t.to(device) for t in encoded)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_autocast):
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss / config.grad_accum
             if accelerator is not None:
@@ -210,9 +198,8 @@ def train(model, tokenizer, examples: list[dict], config: TrainConfig | None = N
 def adapt(model_name: str, examples: list[dict], config: TrainConfig, *, K=None, stride: int = 1,
           adapter_dim: int = 64, lora: bool = True, lora_r: int = 64, lora_alpha: int = 16, qlora: bool = False,
           accelerator=None, progress: bool = True, desc: str = "train"):
-    """Load a fresh model, add OpAmp (if ``K`` is given; else LoRA only: the control), train; returns
-    ``(model, tokenizer, history)``. One ``config.seed``, one LoRA init and one batch order with or
-    without OpAmp. ``qlora``: 4-bit NF4 base (CUDA); else fp32 master weights, on CUDA if there."""
+    """A fresh model with OpAmp (if ``K`` is given; else LoRA only: the control), trained: ``(model, tokenizer,
+    history)``. One seed, LoRA init and batch order with or without OpAmp. ``qlora``: 4-bit NF4 base; else fp32."""
     # Under accelerate the main process loads first: a first use may write the model cache.
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         device = accelerator.device if accelerator is not None else "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,10 +214,9 @@ def adapt(model_name: str, examples: list[dict], config: TrainConfig, *, K=None,
 
 
 def add_parser(subparsers):
-    """OpAmp adapters on every --stride-th layer (none with --no-opamp), LoRA on the linears (none
-    with --no-lora), 4-bit base with --qlora; trains on train-split questions and writes to DIR
-    adapters/ (load_opamp), lora/ (PEFT) and metrics.json (arguments, loss per step, time, and a
-    sha256 of every process's weights). Several GPUs, data parallel, one process per GPU:
+    """OpAmp adapters on every --stride-th layer (none with --no-opamp), LoRA on the linears (none with --no-lora),
+    4-bit base with --qlora; trains on train-split questions and writes to DIR adapters/ (load_opamp), lora/ (PEFT)
+    and metrics.json (arguments, loss per step, time, a sha256 of every process's weights). Data parallel, a GPU each:
 
       accelerate launch --num_processes 2 --mixed_precision bf16 -m minimal train-opamp \\
           --model Qwen/Qwen2.5-0.5B-Instruct --qlora --K 10 --steps 500 --out results/opamp-qwen
@@ -239,11 +225,11 @@ def add_parser(subparsers):
                               description=add_parser.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model name or Hub id (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
-    for flag, default, what in [("--K", 10.0, "OpAmp CMRR"), ("--lr", 2e-4, "learning rate"),
-                                ("--adapter-dim", 64, "adapter hidden size"), ("--stride", 1, "OpAmp on every stride-th layer"),
-                                ("--steps", 100, "optimizer steps"), ("--batch-size", 4, "examples per micro-batch"),
-                                ("--grad-accum", 1, "micro-batches per step"), ("--lora-r", 64, "LoRA rank"),
-                                ("--lora-alpha", 16, "LoRA alpha"), ("--seed", 0, "seed")]:
+    for flag, default, what in [
+            ("--K", 10.0, "OpAmp CMRR"), ("--lr", 2e-4, "learning rate"), ("--adapter-dim", 64, "adapter hidden size"),
+            ("--stride", 1, "OpAmp on every stride-th layer"), ("--steps", 100, "optimizer steps"),
+            ("--batch-size", 4, "examples per micro-batch"), ("--grad-accum", 1, "micro-batches per step"),
+            ("--lora-r", 64, "LoRA rank"), ("--lora-alpha", 16, "LoRA alpha"), ("--seed", 0, "seed")]:
         p.add_argument(flag, type=type(default), default=default, help=what + " (default: %(default)s)")
     for flag, what in [("--no-opamp", "LoRA only: the fair control"), ("--no-lora", "train the OpAmp adapters only"),
                        ("--qlora", "4-bit NF4 base model (CUDA + bitsandbytes)")]:
@@ -283,8 +269,7 @@ def cli(args) -> int:
     if len(fingerprints) > 1:
         print(f"trainable weights identical on all {len(fingerprints)} processes: {identical} (sha256 "
               f"{', '.join(f[:12] for f in fingerprints)}){'' if identical else '; WARNING: saving the main process'}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     if not args.no_opamp:
         save_opamp(model, out / "adapters")
     if not args.no_lora:
