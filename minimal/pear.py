@@ -1,17 +1,15 @@
 """PEAR (arXiv 2409.19745): find the heads that suppress copying from the context, scale them down, fold.
 
-1. **Proxy task.** Random token ids repeated, ``x1..xn x1..xn``, no BOS: in the second half every
-   token can be copied from the first.
+1. **Proxy task.** Random token ids repeated, ``x1..xn x1..xn``, no BOS: each second-half token can be copied.
 2. **Detection** (``minimal.pear_detect``). Heads whose mean-ablation at the final position *raises*
    ``logit(target) - mean logit`` suppress copying.
-3. **Re-weighting.** Scale the top-k heads' outputs by learned ``tau_h`` (init 1), model frozen,
-   cross-entropy on fresh copy sequences; then ``fold`` the scalars into ``o_proj``: a plain model.
+3. **Re-weighting.** Scale the top-k heads' outputs by learned ``tau_h`` (init 1), model frozen, cross-entropy
+   on fresh copy sequences; then ``fold`` the scalars into ``o_proj``: a plain model.
 
-A head's output is a slice of ``o_proj``'s input (Llama, Qwen2, Mistral)::
+A head's output is a slice of ``o_proj``'s input (Llama, Qwen2, Mistral), so PEAR acts there, with forward
+pre-hooks on ``o_proj`` (not a ``minimal.hooks`` calibration)::
 
     o_proj(x) = W_O x = sum_h W_O[:, hD:(h+1)D] x_h          W_O (d_model, H*D), x_h (D,)
-
-so PEAR acts there, with forward pre-hooks on ``o_proj`` (not a ``minimal.hooks`` calibration).
 
 >>> result = head_scores(model, proxy_dataset(tokenizer, seed=0))   # .scores (layers, heads)
 >>> heads = top_heads(result, k=10)                                 # [(layer, head), ...]
@@ -41,11 +39,9 @@ __all__ = ["SETTINGS", "VARIANTS", "copy_sequences", "proxy_dataset", "head_scor
            "apply", "copy_loss", "copy_metrics", "train_coefficients", "fold", "save_coefficients",
            "load_coefficients", "plot_head_scores", "plot_coefficients"]
 
-# The paper's proxy settings: (n, samples) = (copy length, sequences of length 2n) [paper].
-SETTINGS = ((50, 20), (25, 40), (15, 80), (10, 100))
-# Random tokens come from these ids [choice]: in SmolLM2's BPE vocabulary they are ordinary
-# sub-words (no special token, no raw byte), common enough that the model has seen them often.
-TOKEN_RANGE = (1000, 10000)
+SETTINGS = ((50, 20), (25, 40), (15, 80), (10, 100))  # [paper] (n, samples): copy length, sequences of length 2n
+TOKEN_RANGE = (1000, 10000)  # [choice] ids of ordinary, frequent sub-words in SmolLM2's BPE (no special, no byte)
+SHAPE = ("num_layers", "num_heads", "head_dim")  # saved with the coefficients: geometry(model)
 
 
 def copy_sequences(n: int, samples: int, *, token_range=TOKEN_RANGE, exclude=(), generator=None) -> torch.Tensor:
@@ -58,8 +54,7 @@ def copy_sequences(n: int, samples: int, *, token_range=TOKEN_RANGE, exclude=(),
     candidates = candidates[~torch.isin(candidates, torch.tensor(list(exclude), dtype=torch.long))]
     if len(candidates) < n:
         raise ValueError(f"token_range={token_range} holds {len(candidates)} usable ids, fewer than n={n}")
-    pick = torch.rand(samples, len(candidates), generator=generator).argsort(dim=1)[:, :n]  # (samples, n)
-    first = candidates[pick]
+    first = candidates[torch.rand(samples, len(candidates), generator=generator).argsort(dim=1)[:, :n]]  # (samples, n)
     return torch.cat([first, first], dim=1)  # (samples, 2n)
 
 
@@ -80,9 +75,8 @@ class HeadScales(nn.Module):
 
     def __init__(self, heads, num_heads: int, head_dim: int, init=1.0):
         super().__init__()
-        self.heads, self.num_heads, self.head_dim = [tuple(h) for h in heads], num_heads, head_dim
+        self.heads, self.num_heads, self.head_dim, self._handles = [tuple(h) for h in heads], num_heads, head_dim, []
         self.tau = nn.Parameter(torch.as_tensor(init, dtype=torch.float32).expand(len(self.heads)).clone())  # (k,)
-        self._handles = []
 
     def layer_scale(self, layer: int) -> torch.Tensor:
         """``(H,)``: tau for the chosen heads of ``layer``, 1 elsewhere (differentiable)."""
@@ -104,11 +98,12 @@ class HeadScales(nn.Module):
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the hooks (tau stays)."""
+        while self._handles:
+            self._handles.pop().remove()
 
     def coefficients(self) -> dict[tuple[int, int], float]:
+        """``{(layer, head): tau}``, the current values."""
         return {h: float(t) for h, t in zip(self.heads, self.tau.detach().cpu())}
 
     def __enter__(self):
@@ -122,8 +117,7 @@ def apply(model, coefficients) -> HeadScales:
     """Scale the heads by fixed ``{(layer, head): tau}`` with hooks (the un-folded form); returns the
     attached HeadScales (``.detach()`` or a ``with`` block removes it)."""
     coefficients = check_coefficients(model, coefficients)
-    _, num_heads, head_dim = geometry(model)
-    scales = HeadScales(list(coefficients), num_heads, head_dim, init=list(coefficients.values()))
+    scales = HeadScales(list(coefficients), *geometry(model)[1:], init=list(coefficients.values()))
     scales.tau.requires_grad_(False)
     return scales.attach(model)
 
@@ -144,8 +138,7 @@ def copy_loss(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def copy_metrics(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
     """Loss (as :func:`copy_loss`) and greedy top-1 accuracy on the copyable second half."""
-    device = next(model.parameters()).device
-    losses, hits = [], []
+    device, losses, hits = next(model.parameters()).device, [], []
     for start in range(0, len(ids), batch_size):
         logits, target = _copy_logits(model, ids[start : start + batch_size].to(device))
         losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none"))
@@ -153,6 +146,7 @@ def copy_metrics(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
     return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(hits).float().mean().item()}
 
 
+@torch.enable_grad()
 def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch_size: int = 8,
                        lr: float = 5e-3, seed: int = 1, tokenizer=None, token_range=TOKEN_RANGE,
                        progress: bool = True) -> tuple[HeadScales, dict]:
@@ -163,9 +157,8 @@ def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch
     heads = list(check_coefficients(model, heads))
     if sequences < 1 or batch_size < 1:
         raise ValueError(f"need sequences >= 1 and batch_size >= 1, got {sequences}, {batch_size}")
-    _, num_heads, head_dim = geometry(model)
     device = next(model.parameters()).device
-    scales = HeadScales(heads, num_heads, head_dim).attach(model)
+    scales = HeadScales(heads, *geometry(model)[1:]).attach(model)
     was_trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the model stays frozen; only tau learns
     optimizer = torch.optim.AdamW(scales.parameters(), lr=lr)
@@ -174,18 +167,16 @@ def train_coefficients(model, heads, *, sequences: int = 512, n: int = 50, batch
     history = {"step": [0], "loss": [float("nan")], "tau": [scales.tau.tolist()]}
     bar = tqdm(range(math.ceil(sequences / batch_size)), desc=f"train tau (k={len(heads)})", disable=not progress)
     try:
-        with torch.enable_grad():
-            for step in bar:
-                size = min(batch_size, sequences - step * batch_size)
-                ids = copy_sequences(n, size, token_range=token_range, exclude=exclude, generator=generator).to(device)
-                loss = copy_loss(model, ids)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                history["step"].append(step + 1)
-                history["loss"].append(loss.item())
-                history["tau"].append(scales.tau.tolist())
-                bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{scales.tau.mean().item():.3f}")
+        for step in bar:
+            size = min(batch_size, sequences - step * batch_size)
+            ids = copy_sequences(n, size, token_range=token_range, exclude=exclude, generator=generator).to(device)
+            loss = copy_loss(model, ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            for key, value in zip(history, (step + 1, loss.item(), scales.tau.tolist())):  # step, loss, tau
+                history[key].append(value)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{scales.tau.mean().item():.3f}")
     finally:
         scales.detach()
         for p, flag in zip(model.parameters(), was_trainable):
@@ -205,8 +196,7 @@ def fold(model, coefficients) -> nn.Module:
         raise ValueError("this model already has PEAR coefficients folded into o_proj (model.config.pear_folded); "
                          "folding twice would multiply them: fold into a fresh copy of the base model")
     coefficients = check_coefficients(model, coefficients)
-    attn = attention_modules(model)
-    _, _, head_dim = geometry(model)
+    attn, head_dim = attention_modules(model), geometry(model)[2]
     for (layer, head), tau in coefficients.items():
         attn[layer].o_proj.weight[:, head * head_dim : (head + 1) * head_dim] *= tau
     setattr(model.config, "pear_folded", [[l, h, t] for (l, h), t in coefficients.items()])
@@ -216,9 +206,8 @@ def fold(model, coefficients) -> nn.Module:
 def save_coefficients(path, model, coefficients, **meta) -> Path:
     """Write the coefficients as JSON with the model's id and shape (and any ``meta``)."""
     coefficients = check_coefficients(model, coefficients)
-    num_layers, num_heads, head_dim = geometry(model)
-    record = {"model": model_name(model), "model_type": model.config.model_type, "num_layers": num_layers,
-              "num_heads": num_heads, "head_dim": head_dim,
+    record = {"model": model_name(model), "model_type": model.config.model_type,
+              **dict(zip(SHAPE, geometry(model))),
               "coefficients": [{"layer": l, "head": h, "tau": t} for (l, h), t in coefficients.items()], **meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,10 +219,8 @@ def load_coefficients(path, model) -> dict[tuple[int, int], float]:
     """Read coefficients saved by :func:`save_coefficients`; ValueError if they were saved
     for another model (id, type, layers, heads or head size differ)."""
     record = json.loads(Path(path).read_text())
-    num_layers, num_heads, head_dim = geometry(model)
     check_same_model(record.get("model", ""), model, f"PEAR coefficients in {path}")
-    expected = {"model_type": model.config.model_type,
-                "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim}
+    expected = {"model_type": model.config.model_type, **dict(zip(SHAPE, geometry(model)))}
     differ = {k: (record.get(k), v) for k, v in expected.items() if record.get(k) != v}
     if differ:
         detail = ", ".join(f"{k}: saved {a!r}, this model {b!r}" for k, (a, b) in differ.items())

@@ -1,6 +1,6 @@
-"""PEAR's detection (arXiv 2409.19745): which heads hold copying back? Mean-ablate a head's output ``x_h``
-(its slice of ``o_proj``'s input, see ``minimal.pear``) at the final position of ``x1..xn x1..xn`` and
-measure the change of ``logit(target) - mean logit``: heads whose removal *raises* it suppress copying.
+"""PEAR's detection (arXiv 2409.19745): which heads hold copying back? Mean-ablate a head's output ``x_h`` (its
+slice of ``o_proj``'s input, see ``minimal.pear``) at the final position of ``x1..xn x1..xn`` and measure the
+change of ``logit(target) - mean logit``: heads whose removal *raises* it suppress copying.
 Tags: [paper] stated in the paper, [code] the authors' public code, [choice] this project's.
 """
 
@@ -49,12 +49,11 @@ def check_coefficients(model, coefficients) -> dict[tuple[int, int], float]:
 
 @dataclass
 class HeadScores:
-    """Detection result. ``scores[l, h]``: mean change of ``logit(target) - mean logit`` at the
-    final position when head ``(l, h)`` is mean-ablated there (positive = the head suppresses
-    copying), averaged over the settings; ``per_setting`` keeps each setting's ``(L, H)``."""
+    """Detection result. ``scores[l, h]``: mean change of ``logit(target) - mean logit`` when head ``(l, h)`` is
+    mean-ablated at the final position (> 0: it suppresses copying), averaged over the settings."""
 
     scores: torch.Tensor  # (L, H)
-    per_setting: torch.Tensor  # (S, L, H)
+    per_setting: torch.Tensor  # (S, L, H): each setting's scores
     clean: list[float]  # the clean copy score per setting (mean over samples)
     variant: str
     settings: list[tuple[int, int]] = field(default_factory=list)
@@ -64,16 +63,14 @@ def copy_scorer(model):
     """A function ``(hidden (R, d), target (R,)) -> (R,)``: ``logit(target) - mean logit``, which for a linear
     unembedding is ``h . (W_U[target] - mean_v W_U[v])`` (+ the bias difference): no ``(R, vocab)`` logits."""
     head = model.get_output_embeddings()
-    w = head.weight  # (V, d)
+    w, bias = head.weight, getattr(head, "bias", None)  # (V, d), (V,) or None
     w_mean = w.mean(0)  # (d,)
-    bias = getattr(head, "bias", None)
 
     def score(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = (hidden.to(w.dtype) * (w[target] - w_mean)).sum(-1)  # (R,)
         if bias is not None:
             out = out + bias[target] - bias.mean()
         return out.float()
-
     return score
 
 
@@ -82,32 +79,28 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
                 progress: bool = True) -> HeadScores:
     """Mean-ablate every head at the final position and score the change of the copy logit.
 
-    For a batch ``ids (B, 2n)`` the input is ``ids[:, :-1]``, the target ``x_n``; head ``(l, h)``'s
-    output at the final position (``x_h`` in ``o_proj``'s input) becomes its batch mean, and::
+    For a batch ``ids (B, 2n)`` the input is ``ids[:, :-1]``, the target ``x_n``; head ``(l, h)``'s output at the
+    final position (``x_h`` in ``o_proj``'s input) becomes its batch mean, and::
 
         score[l, h] = mean_b [ s_ablated(b) - s_clean(b) ],   s = logit(target) - mean logit
 
-    averaged over the settings. Only the final position is recomputed (causal: no earlier one changes).
-    Two variants [choice]:
+    averaged over settings; only the final position is recomputed (causal: nothing earlier changes). Variants [choice]:
 
-    - ``"path"`` (path patching, the authors' choice [code]): later heads frozen to the clean run, the
-      head reaches the logits only through the residual stream, MLPs and norms. With ``h_j``, ``a_j``
-      the clean residual into layer ``j`` and its attention output, ablating ``(l, h)`` adds
-      ``W_O[:, hD:(h+1)D] (mean_h - x_h)`` to ``a_l``, then ``h_{j+1} = m_j + MLP_j(norm_j(m_j))``,
-      ``m_j = h_j + a_j``, for ``j >= l``: no attention at all, all heads and samples at once.
-    - ``"mean"``: plain mean ablation, propagated everywhere. The prefix runs once into a KV
-      cache; the last token re-runs against copies of it, row ``b*H + g`` = sample ``b`` with
-      head ``g`` ablated, ``max_rows`` rows a forward: ``L * H * samples`` one-token forwards.
-    """
+    - ``"path"`` (path patching, the authors' choice [code]): later heads frozen to the clean run, the head reaches
+      the logits only via the residual stream, MLPs and norms (no attention). With ``h_j``, ``a_j`` the clean
+      residual into layer ``j`` and its attention output, ablating ``(l, h)`` adds ``W_O[:, hD:(h+1)D] (mean_h - x_h)``
+      to ``a_l``, then ``h_{j+1} = m_j + MLP_j(norm_j(m_j))``, ``m_j = h_j + a_j`` (j >= l): all heads, samples at once.
+    - ``"mean"``: plain mean ablation, propagated everywhere. The prefix runs once into a KV cache; the last
+      token re-runs against copies of it, row ``b*H + g`` = sample ``b`` with head ``g`` ablated, ``max_rows``
+      rows a forward: ``L * H * samples`` one-token forwards."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: choose one of {', '.join(map(repr, VARIANTS))}")
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: need at least 1")
-    num_layers, _, _ = geometry(model)
     device = next(model.parameters()).device
     score, run = copy_scorer(model), _path_scores if variant == "path" else _mean_scores
     per_setting, clean_scores = [], []
-    bar = tqdm(total=len(dataset) * num_layers, desc=f"head scores ({variant})", disable=not progress)
+    bar = tqdm(total=len(dataset) * geometry(model)[0], desc=f"head scores ({variant})", disable=not progress)
     for ids in dataset:
         scores, clean = run(model, ids.to(device), score, max_rows, bar)
         per_setting.append(scores.cpu())
@@ -143,9 +136,8 @@ def _clean_final_position(model, ids, past_key_values=None):
 def _path_scores(model, ids, score, max_rows, bar):
     """Path patching at the final position: MLPs and norms recomputed, attention frozen."""
     layers = model.base_model.layers
-    for layer in layers:
-        if not (hasattr(layer, "post_attention_layernorm") and hasattr(layer, "mlp")):
-            raise ValueError("variant='path' needs Llama-style decoder layers (post_attention_layernorm, mlp)")
+    if not all(hasattr(layer, "post_attention_layernorm") and hasattr(layer, "mlp") for layer in layers):
+        raise ValueError("variant='path' needs Llama-style decoder layers (post_attention_layernorm, mlp)")
     num_layers, num_heads, head_dim = geometry(model)
     batch, target = ids.shape[0], ids[:, -1]
     h, x, final = _clean_final_position(model, ids[:, :-1])
@@ -172,8 +164,7 @@ def _mean_scores(model, ids, score, max_rows, bar):
     """Mean ablation with full propagation: the last token re-run against the prefix's KV cache."""
     attn = attention_modules(model)
     num_layers, num_heads, head_dim = geometry(model)
-    batch = ids.shape[0]
-    prefix, last, target = ids[:, :-2], ids[:, -2:-1], ids[:, -1]
+    batch, prefix, last, target = ids.shape[0], ids[:, :-2], ids[:, -2:-1], ids[:, -1]
     cache = model.base_model(prefix, use_cache=True).past_key_values
     _, x, final = _clean_final_position(model, last, past_key_values=copy.deepcopy(cache))
     clean = score(final, target)  # (B,)
@@ -186,7 +177,6 @@ def _mean_scores(model, ids, score, max_rows, bar):
         def ablate(module, args):  # o_proj's input (b*H, 1, H*D): in row b*H + g, head g := its mean
             heads = args[0].view(-1, num_heads, num_heads, head_dim)  # (b, g, h, D)
             return (torch.where(eye[None, :, :, None], mean.to(heads.dtype), heads).view(args[0].shape),)
-
         total = torch.zeros(num_heads, device=ids.device)
         for b0 in range(0, batch, chunk):
             rows = torch.arange(b0, min(b0 + chunk, batch), device=ids.device).repeat_interleave(num_heads)
