@@ -1,15 +1,11 @@
 """Every method on the same questions, with what it costs: ``python -m minimal compare``.
 
-A method is a part, or parts joined by ``+`` where they compose: base (the model as it is), lora
-(LoRA on train-split questions: OpAmp's fair control), opamp (OpAmp adapters, K = 10, + LoRA,
-trained together), sra (Scaled ReAttention, no weights), pear (PEAR coefficients folded into
-o_proj). pear+sra, lora+pear, opamp+pear and lora+sra compose; opamp+sra does not (both replace the
-attention map), nor opamp+lora (opamp has LoRA).
-
-Trained weights (fp16) live in weights/<model>/seed<N>/ (--weights): lora/, opamp/, pear.json; they
-ship for the default model, for another they are trained once (the profile's recipe) and saved.
-Weights of another model are refused. Every method answers the same questions (greedy, lenient
-match, Wilson 95% intervals); prefill time and peak memory are measured side by side with base.
+Methods: base (the model as it is), lora (LoRA on train-split questions: OpAmp's fair control), opamp (OpAmp adapters,
+K = 10, + LoRA, trained together), sra (Scaled ReAttention, no weights), pear (PEAR coefficients folded into o_proj),
+and parts joined by ``+`` where they compose: not opamp+sra (both replace the attention map), nor opamp+lora. Trained
+weights (fp16) live in weights/<model>/seed<N>/ (--weights): lora/, opamp/, pear.json; shipped for the default model,
+trained once (the profile's recipe) and saved for another; another model's are refused. Every method answers the same
+questions (greedy, lenient match, Wilson 95% intervals); prefill time and peak memory are measured beside base.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ from .train import TrainConfig, adapt, training_mix
 
 PARTS = ("base", "lora", "opamp", "sra", "pear")
 TRAINED = {"lora", "opamp", "pear"}  # parts whose weights depend on a training seed
-DEFAULT_METHODS = "base,lora,opamp,sra,pear"
-DEFAULT_TESTS = "test_1hop,test_heldout,test_nq"
+DEFAULT_METHODS, DEFAULT_TESTS = "base,lora,opamp,sra,pear", "test_1hop,test_heldout,test_nq"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 CLASHES = {frozenset({"opamp", "sra"}): "both replace the attention map of every layer",
            frozenset({"opamp", "lora"}): "opamp already includes LoRA (trained together)"}
@@ -46,8 +41,7 @@ def _names(text) -> list[str]:  # "a, b" or a list -> ["a", "b"]
 
 def parse_methods(text) -> list[str]:
     """``"base,opamp,pear+sra"`` -> ``["base", "opamp", "pear+sra"]``, or a ValueError that says why not."""
-    names = _names(text)
-    if not names:
+    if not (names := _names(text)):
         raise ValueError(f"methods is empty: choose from {', '.join(PARTS)} (or combine with '+')")
     for name in names:
         parts = name.split("+")
@@ -68,8 +62,7 @@ def parse_methods(text) -> list[str]:
 
 def parse_tests(text) -> list[str]:
     """``"test_1hop,test_nq"`` (a list, or a Path) -> the names or paths, each one loadable; else an error."""
-    tests = _names([text] if isinstance(text, Path) else text)
-    if not tests:
+    if not (tests := _names([text] if isinstance(text, Path) else text)):
         raise ValueError("test is empty: name shipped test sets (test_1hop, test_heldout, test_nq) or JSONL paths")
     for t in tests:
         data.load_test_set(t)  # FileNotFoundError naming the shipped sets, ValueError naming line and field
@@ -83,10 +76,9 @@ def weights_dir(model_name: str, root=None) -> Path:
 
 
 def train_part(model_name: str, part: str, folder: Path, profile, device="cpu", seed=0, progress=True) -> None:
-    """Train ``part`` of training seed ``seed`` into ``folder``. lora, opamp (+ LoRA): the same
-    ``training_mix`` data, steps and seed (LoRA stays OpAmp's fair control). pear: heads detected and
-    coefficients learnt with notebook 06's recipe, the copy sequences drawn with ``seed``."""
-    start = time.time()
+    """Train ``part`` of training seed ``seed`` into ``folder``: lora and opamp (+ LoRA) on the same ``training_mix``
+    data, steps and seed (LoRA stays OpAmp's fair control); pear with notebook 06's recipe, sequences from ``seed``."""
+    start, date = time.time(), time.strftime("%Y-%m-%d")
     if part == "pear":
         model, tokenizer = models.load_model(model_name, device=device)
         scores = pear.head_scores(model, pear.proxy_dataset(tokenizer, profile.pear_settings, seed=seed),
@@ -97,24 +89,20 @@ def train_part(model_name: str, part: str, folder: Path, profile, device="cpu", 
             batch_size=profile.pear_train_batch, lr=profile.pear_lr, tokenizer=tokenizer, progress=progress)
         pear.save_coefficients(folder / "pear.json", model, scales.coefficients(), variant=scores.variant,
                                k=len(heads), seed=seed, profile=profile.name, seconds=time.time() - start,
-                               settings=[list(s) for s in profile.pear_settings], loss=history["loss"],
-                               date=time.strftime("%Y-%m-%d"))
+                               settings=[list(s) for s in profile.pear_settings], loss=history["loss"], date=date)
         return
-    steps, batch = profile.compare_train_steps, profile.opamp_train_batch
+    steps, batch, k = profile.compare_train_steps, profile.opamp_train_batch, K if part == "opamp" else None
     model, _, history = adapt(model_name, training_mix(steps * batch, seed=seed), TrainConfig(steps, batch, seed=seed),
-                              K=K if part == "opamp" else None, stride=profile.opamp_stride,
-                              lora_r=profile.opamp_lora_r, lora_alpha=profile.opamp_lora_alpha, progress=progress,
-                              desc=f"train {part} (seed {seed})")
-    (folder := folder / part).mkdir(parents=True, exist_ok=True)
+                              K=k, stride=profile.opamp_stride, lora_r=profile.opamp_lora_r, progress=progress,
+                              lora_alpha=profile.opamp_lora_alpha, desc=f"train {part} (seed {seed})")
     model.half()  # stored in fp16 (the shipped weights live in git), loaded into the model's dtype: the rounding
     if part == "opamp":  # (relative 5e-4) is far below what changes a greedy answer here
-        save_opamp(model, folder / "adapters")
-    model.save_pretrained(folder / "lora")
+        save_opamp(model, folder / part / "adapters")
+    model.save_pretrained(folder / part / "lora")  # makes the folders
     record = dict(part=part, model=model_name, profile=profile.name, recipe="training_mix", nq_share=0.5, steps=steps,
-                  batch=batch, seed=seed, K=K if part == "opamp" else None, stride=profile.opamp_stride,
-                  lora_r=profile.opamp_lora_r, seconds=history["seconds"], loss=history["loss"],
-                  date=time.strftime("%Y-%m-%d"), machine=platform.machine())
-    (folder / "train.json").write_text(json.dumps(record, indent=1))
+                  batch=batch, seed=seed, K=k, stride=profile.opamp_stride, lora_r=profile.opamp_lora_r,
+                  seconds=history["seconds"], loss=history["loss"], date=date, machine=platform.machine())
+    (folder / part / "train.json").write_text(json.dumps(record, indent=1))
 
 
 def ensure_weights(model_name: str, methods, root=None, profile=None, device="cpu", seed=0, progress=True) -> dict:
@@ -130,10 +118,8 @@ def ensure_weights(model_name: str, methods, root=None, profile=None, device="cp
 
 
 def build(method: str, model_name: str, root=None, device="cpu", sra_config=None, seed: int = 0):
-    """A fresh ``(model, tokenizer)`` with ``method`` on, from training seed ``seed``'s weights: LoRA
-    merged (OpAmp adapters attached first), PEAR folded into ``o_proj``, then SRA switched on."""
-    parts = set(parse_methods([method])[0].split("+"))
-    folder = weights_dir(model_name, root) / f"seed{seed}"
+    """A fresh ``(model, tokenizer)``, ``method`` on (seed ``seed``'s weights): OpAmp, LoRA merged, PEAR folded, SRA."""
+    parts, folder = set(parse_methods([method])[0].split("+")), weights_dir(model_name, root) / f"seed{seed}"
     model, tokenizer = models.load_model(model_name, device=device)
     if "opamp" in parts:
         load_opamp(model, folder / "opamp" / "adapters")
@@ -149,9 +135,7 @@ def build(method: str, model_name: str, root=None, device="cpu", sra_config=None
 def load_lora(model, path: Path):
     """LoRA weights saved by PEFT in ``path``, checked to belong to ``model``, merged into it."""
     from peft import PeftConfig, PeftModel
-
-    saved = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    if saved:
+    if saved := PeftConfig.from_pretrained(str(path)).base_model_name_or_path:
         models.check_same_model(saved, model, f"LoRA weights in {path}")
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
@@ -166,21 +150,18 @@ def default_sra_config(tokenizer, **factors) -> sra.SRAConfig:
 
 def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, tests="test_1hop", per_cell: int | None = None,
             root=None, profile=None, device: str | None = None, seeds=None, progress: bool = True) -> dict:
-    """Every method on the same questions of every test set, trained methods once per training seed:
-    ``{"meta", "tests": {test: {"n", "methods": {name: {"runs", "mean", "sd"}}}}, "cost": {name: ...}}``.
-    A run (``seed`` None without training) holds accuracy_grid rows (overall, by noise, by position
-    on noisy questions), ``gold_ratio``, ``paired`` (against base) and the records."""
+    """Every method on the same questions of every test set, trained ones once per training seed: ``{"meta", "tests":
+    {test: {"n", "methods": {name: {"runs", "mean", "sd"}}}}, "cost": {name: ...}}``. A run (``seed`` None untrained)
+    holds accuracy_grid rows (overall, by noise, by position when noisy), gold_ratio, paired (vs base), records."""
     names, tests, profile = parse_methods(methods), parse_tests(tests), profile or get_profile()
     device, per_cell = device or ("cuda" if torch.cuda.is_available() else "cpu"), per_cell or profile.compare_per_cell
     seeds = list(profile.compare_seeds if seeds is None else seeds)
     sets = {t: evaluate.select_per_cell(data.load_test_set(t), per_cell) for t in tests}
     training = {seed: ensure_weights(model_name, names, root, profile, device, seed, progress)
                 for seed in (seeds if any(set(n.split("+")) & TRAINED for n in names) else [])}
-
     base, tokenizer = models.load_model(model_name, device=device)
     prompt = max((data.build_prompt(tokenizer, e).input_ids for e in sets[tests[0]]), key=len)[None].to(device)
-    sra_config = default_sra_config(tokenizer)
-    runs, costs, start = {t: {} for t in tests}, {}, time.time()
+    sra_config, runs, costs, start = default_sra_config(tokenizer), {t: {} for t in tests}, {}, time.time()
     for name in names:
         trained = set(name.split("+")) & TRAINED
         for seed in (seeds if trained else [None]):
@@ -217,24 +198,22 @@ def compare(model_name: str = "smollm2-135m", methods=DEFAULT_METHODS, tests="te
         gpu=torch.cuda.get_device_name() if device == "cuda" else None), tests=results, cost=costs)
 
 
-def _summary(m: dict) -> str:
-    """One run's Wilson interval, or mean +- sd and each seed's accuracy."""
+def _summary(m: dict) -> str:  # one run's Wilson interval, or mean +- sd and each seed's accuracy
     if len(m["runs"]) == 1:
         return evaluate.percent(m["runs"][0]["overall"]).strip()
     each = "/".join(f"{100 * r['overall']['accuracy']:.1f}" for r in m["runs"])
     return f"{100 * m['mean']:.1f}% +-{100 * m['sd']:.1f} ({each})"
 
 
-def _cell(m: dict, grid: str, key: str, value) -> str:
-    """Accuracy in the cell ``key == value`` of each run's ``grid``: one run's interval, or the mean."""
+def _cell(m: dict, grid: str, key: str, value) -> str:  # cell key == value of each run's grid: interval or mean
     rows = [r for run in m["runs"] for r in run[grid] if r[key] == value]
-    text = "" if not rows else evaluate.percent(rows[0]) if len(rows) == 1 else \
+    return "" if not rows else evaluate.percent(rows[0]) if len(rows) == 1 else \
         f"{100 * sum(r['accuracy'] for r in rows) / len(rows):5.1f}% (mean)"
-    return text.center(17)
 
 
-def _table(title: str, head: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:  # cells joined by " | "
-    lines = [" | ".join([f"{name:<11}", *cells]) for name, cells in [("method", head), *rows]]
+def _table(title: str, head: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:  # centred columns
+    cols = [[f"{c:^{max(map(len, col))}}" for c in col] for col in zip(head, *(cells for _, cells in rows))]
+    lines = [" | ".join([f"{name:<11}", *cells]) for name, cells in zip(["method"] + [n for n, _ in rows], zip(*cols))]
     return ["", title, lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
@@ -242,39 +221,31 @@ def format_table(result: dict) -> str:
     """Every method on every test set; per test set by noise and position, against base, gold attention; cost."""
     meta, tests, names, seeds = result["meta"], result["tests"], result["meta"]["methods"], result["meta"]["seeds"]
     seeds = (f"{len(seeds)} training seeds" if seeds[1:] else "one training seed") + f" ({', '.join(map(str, seeds))})"
-    cols = {t: f"{Path(t).stem} (n={tests[t]['n']})" for t in tests}
-    cells = {t: {n: _summary(tests[t]["methods"][n]) for n in names} for t in tests}
-    width = {t: max(map(len, [cols[t], *cells[t].values()])) for t in tests}
     lines = _table(f"Accuracy on every test set (lenient match). One run: 95% Wilson interval. Trained methods: mean "
-                   f"+- sd over {seeds}, then each seed.", [f"{cols[t]:^{width[t]}}" for t in tests],
-                   [(n, [f"{cells[t][n]:^{width[t]}}" for t in tests]) for n in names])[1:]
+                   f"+- sd over {seeds}, then each seed.", [f"{Path(t).stem} (n={tests[t]['n']})" for t in tests],
+                   [(n, [_summary(tests[t]["methods"][n]) for t in tests]) for n in names])[1:]
     for t, block in tests.items():
-        first = block["methods"][names[0]]["runs"][0]
-        ratios = [r["noise_ratio"] for r in first["by_noise"]]
-        positions = [r["gold_position"] for r in first["by_position"]]
+        ratios = [r["noise_ratio"] for r in block["methods"][names[0]]["runs"][0]["by_noise"]]
+        positions = [r["gold_position"] for r in block["methods"][names[0]]["runs"][0]["by_position"]]
         rows = []
-        for name in names:
-            m = block["methods"][name]
+        for name, m in block["methods"].items():
             vs = ", ".join(f"+{r['paired']['fixed']}/-{r['paired']['broken']} (p={r['paired']['p_value']:.2g})"
                            for r in m["runs"] if r.get("paired")) if name != "base" else ""
             gold = [r["gold_ratio"] for r in m["runs"] if r["gold_ratio"] is not None]
             rows.append((name, [_cell(m, "by_noise", "noise_ratio", r) for r in ratios]
                          + [_cell(m, "by_position", "gold_position", p) for p in positions]
-                         + [f"{vs:<30}", f"{f'{sum(gold) / len(gold):.2f}x' if gold else 'n/a':>8}"]))
+                         + [vs, f"{sum(gold) / len(gold):.2f}x" if gold else "n/a"]))
         lines += _table(f"{Path(t).stem}: {block['n']} questions; by noise ratio, and by gold position on the noisy "
-                        "ones; one run's interval, or the mean over seeds",
-                        [f"noise {r}".center(17) for r in ratios] + [f"gold {p}".center(17) for p in positions]
-                        + ["vs base: fixed/broken per run", "gold/distr."], rows)
+                        "ones; one run's interval, or the mean over seeds", [f"noise {r}" for r in ratios]
+                        + [f"gold {p}" for p in positions] + ["vs base: fixed/broken per run", "gold/distr."], rows)
     rows = []
-    for name in names:
-        c = result["cost"][name]
+    for name, c in result["cost"].items():
         train = [sum(s or 0 for s in parts.values()) for parts in c["training"].values()]
         train = ", ".join("-" if not s else f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" for s in train)
         memory = f"{c['memory']['ratio']:.2f}x" if c["memory"]["ratio"] is not None else "n/a"
-        rows.append((name, [f"{c['prefill']['ratio']:13.2f}x", f"{memory:>13}", train if train.strip("-, ") else "-"]))
+        rows.append((name, [f"{c['prefill']['ratio']:.2f}x", memory, train if train.strip("-, ") else "-"]))
     lines += _table(f"Cost, side by side with base on the longest prompt of {Path(meta['tests'][0]).stem} "
-                    f"({meta['prompt_tokens']} tokens)", ["prefill / base", "memory / base",
-                                                         "training (one-off, per seed)"], rows)
+                    f"({meta['prompt_tokens']} tokens)", ["prefill / base", "memory / base", "training per seed"], rows)
     return "\n".join(lines) + (
         f"\n\n{meta['model']}; {meta['per_cell']} questions per noise x position cell of each test set; profile "
         f"{meta['profile']}; {meta['device']} ({meta['machine']}, {meta['threads']} threads); {meta['date']}.\n"
@@ -287,7 +258,6 @@ def format_table(result: dict) -> str:
 def plot(result: dict, path=None):
     """Accuracy of every method on every test set (dots: seeds), then by noise ratio (mean over seeds)."""
     import matplotlib.pyplot as plt
-
     meta, tests, names = result["meta"], result["tests"], result["meta"]["methods"]
     fig, axes = plt.subplots(1, 1 + len(tests), figsize=(5.5 * (1 + len(tests)), 4.2), squeeze=False)
     ax, width = axes[0, 0], 0.8 / len(names)
@@ -296,8 +266,8 @@ def plot(result: dict, path=None):
         ax.bar(xs, [100 * tests[t]["methods"][name]["mean"] for t in tests], width, label=name, alpha=0.8)
         for x, runs in zip(xs, (tests[t]["methods"][name]["runs"] for t in tests)):
             ax.plot([x] * len(runs), [100 * r["overall"]["accuracy"] for r in runs], "k.", ms=4)
-    ax.set_xticks(range(len(tests)), [Path(t).stem for t in tests])
-    ax.set(ylabel="accuracy (%)", title="every method on every test set (dots: seeds)")
+    ax.set(xticks=range(len(tests)), xticklabels=[Path(t).stem for t in tests], ylabel="accuracy (%)",
+           title="every method on every test set (dots: seeds)")
     ax.legend(fontsize=8)
     for ax, (t, block) in zip(axes[0, 1:], tests.items()):
         for name in names:
@@ -314,7 +284,8 @@ def plot(result: dict, path=None):
     return fig
 
 
-def add_parser(subparsers):
+def add_parser(subparsers) -> None:
+    """The ``compare`` subcommand."""
     p = subparsers.add_parser("compare", help="every method on the same questions, with accuracy and cost",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, default, what in [
@@ -329,20 +300,19 @@ def add_parser(subparsers):
         p.add_argument(flag, type=int if flag == "--per-cell" else str, default=default,
                        help=what + (" (default: %(default)s)" if default else ""))
     p.set_defaults(func=cli)
-    return p
 
 
 def cli(args) -> int:
+    """Run ``compare`` from the command line: the tables printed, compare.json and compare.png written to --out."""
     try:  # the user's mistakes, before any model is loaded: a message, not a traceback
         parse_methods(args.methods)
         tests, profile = parse_tests(args.test), get_profile(args.profile)
-        seeds = None if args.seeds is None else _names(args.seeds)
-        if seeds is not None and (not seeds or not all(x.isdigit() for x in seeds)):
+        seeds = None if args.seeds is None else [int(x) if x.isdigit() else None for x in _names(args.seeds)]
+        if seeds is not None and (not seeds or None in seeds):
             raise ValueError(f"--seeds {args.seeds!r}: give comma-separated integers >= 0, e.g. 0,1,2")
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"python -m minimal compare: error: {err}") from None
-    result = compare(args.model, args.methods, tests, args.per_cell, args.weights, profile, args.device,
-                     seeds and [int(x) for x in seeds])
+    result = compare(args.model, args.methods, tests, args.per_cell, args.weights, profile, args.device, seeds)
     print("\n" + format_table(result))
     path = evaluate.save_json(result, Path(args.out) / "compare.json")
     plot(result, path.with_suffix(".png"))
