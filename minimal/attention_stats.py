@@ -41,7 +41,7 @@ class AttentionStatistics:
         self.block_rows, self.counts = block_rows, {}  # counts: {layer: {selection: [entries, mass]}}
 
     @torch.no_grad()
-    def record(self, module, query, key, attention_mask, scaling):
+    def record(self, module, query, key, attention_mask, scale):
         layer, T, S = module.layer_idx, query.shape[2], key.shape[2]
         if layer in self.counts or T == 1:
             return
@@ -53,7 +53,7 @@ class AttentionStatistics:
         c = {name: [0, 0.0] for name in selections}  # [entries, mass] per selection
         for r0, r1 in row_blocks(T, 1, self.block_rows):
             rows = torch.arange(r0, r1, device=query.device)
-            p = probs_fn(module, query, key, attention_mask, scaling, rows).float()  # (B, H, R, S)
+            p = probs_fn(module, query, key, attention_mask, scale, rows).float()  # (B, H, R, S)
             vals = p[allowed_all[..., r0:r1, :].expand_as(p)]  # the causal entries of real tokens, flattened
             for name, select in selections.items():
                 chosen = vals[select(vals)]

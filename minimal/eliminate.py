@@ -37,15 +37,15 @@ class Eliminate:
         p = p.masked_fill_(p < self.tau, 0.0)
         return p.div_(p.sum(-1, keepdim=True).clamp_min(1e-30)) if self.renormalize else p
 
-    def probs(self, module, query, key, attention_mask, scaling, rows=None):
+    def probs(self, module, query, key, attention_mask, scale, rows=None):
         """The map it uses for the query ``rows``: (B, H, R, S) fp32."""
-        return self._drop(hooks.layer_probs(module, query, key, attention_mask, scaling, rows))
+        return self._drop(hooks.layer_probs(module, query, key, attention_mask, scale, rows))
 
-    def __call__(self, module, query, key, value, attention_mask, scaling):
+    def __call__(self, module, query, key, value, attention_mask, scale):
         if self.tau == 0 and not self.renormalize:
             return None  # nothing to drop: the stock path
         (B, H, T, D), S = query.shape, key.shape[2]
-        scale = D**-0.5 if scaling is None else scaling
+        scale = D**-0.5 if scale is None else scale
         allowed = hooks.boolean_mask(attention_mask, T, S, query.device)  # (B|1, 1, T, S)
         out = torch.empty(B, H, T, D, dtype=torch.float32, device=query.device)
         for r0, r1 in row_blocks(T, B * H * S, self.tile):

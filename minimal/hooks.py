@@ -5,9 +5,9 @@ and keys and dispatches on two attributes of the layer: ``calibration`` changes 
 ``Eliminate``; absent: transformers' SDPA, the stock model bit for bit), ``capture`` reads the map the
 layer used. A method has ``slot = "calibration"`` or ``"capture"`` and::
 
-    method(module, query, key, value, attention_mask, scaling) -> (B, H, T, D), or None for plain SDPA
-    method.probs(module, query, key, attention_mask, scaling, rows) -> (B, H, R, S)   optional: its map
-    capture.record(module, query, key, attention_mask, scaling)
+    method(module, query, key, value, attention_mask, scale) -> (B, H, T, D), or None for plain SDPA
+    method.probs(module, query, key, attention_mask, scale, rows) -> (B, H, R, S)   optional: its map
+    capture.record(module, query, key, attention_mask, scale)
         query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask bool (B, 1, T, S) or None
 
 ``attach(model, method)`` returns a handle (``remove()`` it, or use ``with``); an ``nn.Module`` method
@@ -156,13 +156,13 @@ def boolean_mask(attention_mask, q_len: int, kv_len: int, device) -> torch.Tenso
     return attention_mask[..., -q_len:, :kv_len]
 
 
-def layer_probs(module, query, key, attention_mask, scaling=None, rows=None) -> torch.Tensor:
+def layer_probs(module, query, key, attention_mask, scale=None, rows=None) -> torch.Tensor:
     """The plain softmax map of query ``rows`` (default all) under the HF mask: (B, H, R, S) fp32, O(R * S) memory."""
     T, S = query.shape[2], key.shape[2]
     rows = torch.arange(T, device=query.device) if rows is None else rows
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     allowed = boolean_mask(attention_mask, T, S, query.device)[..., rows, :]  # (B|1, 1, R, S)
-    return masked_softmax(grouped_scores(query[:, :, rows], key, scaling), allowed)
+    return masked_softmax(grouped_scores(query[:, :, rows], key, scale), allowed)
 
 
 class AttentionCapture:
@@ -179,7 +179,7 @@ class AttentionCapture:
         self.maps, self.span_mass = {}, {}  # {layer: tensor}
 
     @torch.no_grad()
-    def record(self, module, query, key, attention_mask, scaling):
+    def record(self, module, query, key, attention_mask, scale):
         layer, T = module.layer_idx, query.shape[2]
         if layer in self.maps or layer in self.span_mass:
             return
@@ -188,10 +188,10 @@ class AttentionCapture:
             if T > self.max_full_tokens:
                 raise ValueError(f"full attention maps for T={T} tokens would take T x T memory; use spans=... "
                                  f"(reduced statistics) or raise max_full_tokens={self.max_full_tokens}")
-            self.maps[layer] = probs(module, query, key, attention_mask, scaling, None).cpu()
+            self.maps[layer] = probs(module, query, key, attention_mask, scale, None).cpu()
         if self.spans is not None:
             rows = torch.arange(T, device=query.device)[self.rows if self.rows is not None else slice(-1, None)]
-            self.span_mass[layer] = span_mass(probs(module, query, key, attention_mask, scaling, rows),
+            self.span_mass[layer] = span_mass(probs(module, query, key, attention_mask, scale, rows),
                                               self.spans).cpu()
 
     def stacked_span_mass(self) -> torch.Tensor:

@@ -106,7 +106,7 @@ class OpAmpCalibration(nn.Module):
         self._seen = (key, k1, k2) if inference else None  # a reference, not a copy
         return k1, k2
 
-    def forward(self, module, query, key, value, attention_mask, scaling):
+    def forward(self, module, query, key, value, attention_mask, scale):
         """OpAmp attention: query (B, H, T, D), key/value (B, Hkv, S, D) -> (B, H, T, D)."""
         T, S = query.shape[2], key.shape[2]
         q1, k1, q2, k2 = self.adapt(query, key)
@@ -118,8 +118,8 @@ class OpAmpCalibration(nn.Module):
             from . import triton_opamp  # imported on first use: CPU runs never need Triton
             q1, k1, q2, k2 = (t.to(value.dtype) for t in (q1, k1, q2, k2))
             padding = None if padding is None else padding.expand(query.shape[0], S).contiguous()
-            return triton_opamp.opamp_attention(q1, k1, q2, k2, value, self.K, key_padding_mask=padding, scale=scaling)
-        kw = dict(attn_mask=allowed, is_causal=allowed is None and T > 1, scale=scaling, enable_gqa=True)
+            return triton_opamp.opamp_attention(q1, k1, q2, k2, value, self.K, key_padding_mask=padding, scale=scale)
+        kw = dict(attn_mask=allowed, is_causal=allowed is None and T > 1, scale=scale, enable_gqa=True)
         with torch.autocast(query.device.type, enabled=False):  # any mask: PyTorch's fused attention, in fp32
             out_plus = F.scaled_dot_product_attention(q1.float(), k1.float(), value.float(), **kw)  # M+ V
             out_minus = F.scaled_dot_product_attention(q2.float(), k2.float(), value.float(), **kw)  # M- V
@@ -127,11 +127,11 @@ class OpAmpCalibration(nn.Module):
         return (out_plus + (self.K - 0.5) * (out_plus - out_minus)).to(value.dtype)  # (B, H, T, D)
 
     @torch.no_grad()
-    def probs(self, module, query, key, attention_mask, scaling, rows=None):
+    def probs(self, module, query, key, attention_mask, scale, rows=None):
         """The map ``K (M+ - M-) + (M+ + M-)/2`` for query ``rows``: (B, H, R, S) fp32 (entries may be < 0)."""
         q1, k1, q2, k2 = self.adapt(query, key)
-        m_plus = hooks.layer_probs(module, q1, k1, attention_mask, scaling, rows)  # (B, H, R, S)
-        m_minus = hooks.layer_probs(module, q2, k2, attention_mask, scaling, rows)
+        m_plus = hooks.layer_probs(module, q1, k1, attention_mask, scale, rows)  # (B, H, R, S)
+        m_minus = hooks.layer_probs(module, q2, k2, attention_mask, scale, rows)
         return opamp_combine(m_plus, m_minus, self.K)
 
 

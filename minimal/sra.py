@@ -204,7 +204,7 @@ class SRA:
                              f"tokenizer here do); batch item {bad[0].item()} has padding after its first real token")
         return real.sum(-1).tolist()
 
-    def __call__(self, module, query, key, value, attention_mask, scaling):
+    def __call__(self, module, query, key, value, attention_mask, scale):
         """query (B, H, T, D), key, value (B, Hkv, S, D) -> (B, H, T, D), or None for plain attention."""
         B, H, T, D = query.shape
         if T == 1 or T != key.shape[2]:  # decoding, or a prefill continuing a cache
@@ -221,11 +221,11 @@ class SRA:
         if not any(passes(n, layer, L, self.config) for n in lengths):
             return None
         backend = self.backend or ("triton" if query.is_cuda and triton_available() else "blocked")
-        return sra_attention(query, key, value, layer, L, self.config, lengths, scaling, backend)
+        return sra_attention(query, key, value, layer, L, self.config, lengths, scale, backend)
 
-    def probs(self, module, query, key, attention_mask, scaling, rows):
+    def probs(self, module, query, key, attention_mask, scale, rows):
         """The map SRA really uses for the query ``rows`` (default all): (B, H, R, S)."""
-        probs = hooks.layer_probs(module, query, key, attention_mask, scaling, rows)
+        probs = hooks.layer_probs(module, query, key, attention_mask, scale, rows)
         if query.shape[2] == 1 or query.shape[2] != key.shape[2]:  # decoding or a cache: plain
             return probs
         lengths = self.lengths(module, attention_mask, query.shape[0], query.shape[2])
