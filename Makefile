@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.txt scripts/install_torch.sh
 
 ## the main job, on a subset that runs in minutes: every method on the default model, the same questions
 ## of the three test sets (1 per noise x position cell), one training seed. The full comparison (3 seeds,
-## 40 questions a set on the cpu profile) is `python -m minimal compare`; notebook 07 runs it.
+## 30 questions a set on the cpu profile) is `python -m minimal compare`; notebook 07 runs it.
 demo: $(STAMP)
 	$(BIN)/python -m minimal compare --per-cell 1 --seeds 0
 

@@ -69,7 +69,8 @@ def install(model) -> list[torch.nn.Module]:
         def note_mask(_model, args, kwargs):
             # generate() drops the mask when nothing is padded; its calls carry a cache: no mask = no padding
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            state.mask_given = mask is not None or kwargs.get("past_key_values") is not None
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.2x
+            state.mask_given = mask is not None or cache is not None
         model._minimal_call = (state, model.register_forward_pre_hook(note_mask, with_kwargs=True))
         for m in modules:
             m._minimal_call = state

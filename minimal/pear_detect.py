@@ -7,6 +7,7 @@ Tags: [paper] stated in the paper, [code] the authors' public code, [choice] thi
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -111,7 +112,15 @@ def head_scores(model, dataset: list[torch.Tensor], *, variant: str = "path", ma
     return HeadScores(per_setting.mean(0), per_setting, clean_scores, variant, settings)
 
 
-def _clean_final_position(model, ids, past_key_values=None):
+def _run_with_cache(model, ids, cache=None):
+    """``model.base_model(ids)`` continuing ``cache`` -> (last hidden state, cache). transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40); 4.x knows only the old one."""
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    out = model.base_model(ids, use_cache=True, **{name: cache})
+    return out.last_hidden_state, out["cache" if "cache" in out else "past_key_values"]
+
+
+def _clean_final_position(model, ids, cache=None):
     """One clean forward of ``ids``; at the final position, per layer: the residual entering it ``h (B, d)``
     and the heads ``x (B, H*D)`` (o_proj's input; o_proj(x) is the attention output); and the final state."""
     h, x = {}, {}
@@ -126,7 +135,7 @@ def _clean_final_position(model, ids, past_key_values=None):
         handles.append(layer.register_forward_pre_hook(keep(h, i), with_kwargs=True))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(keep(x, i)))
     try:
-        final = model.base_model(ids, past_key_values=past_key_values).last_hidden_state[:, -1]
+        final = _run_with_cache(model, ids, cache)[0][:, -1]
     finally:
         for handle in handles:
             handle.remove()
@@ -165,8 +174,8 @@ def _mean_scores(model, ids, score, max_rows, bar):
     attn = attention_modules(model)
     num_layers, num_heads, head_dim = geometry(model)
     batch, prefix, last, target = ids.shape[0], ids[:, :-2], ids[:, -2:-1], ids[:, -1]
-    cache = model.base_model(prefix, use_cache=True).past_key_values
-    _, x, final = _clean_final_position(model, last, past_key_values=copy.deepcopy(cache))
+    cache = _run_with_cache(model, prefix)[1]
+    _, x, final = _clean_final_position(model, last, copy.deepcopy(cache))
     clean = score(final, target)  # (B,)
     scores = torch.zeros(num_layers, num_heads, device=ids.device)
     chunk = max(1, max_rows // num_heads)  # samples per forward
@@ -184,7 +193,7 @@ def _mean_scores(model, ids, score, max_rows, bar):
             sub.batch_select_indices(rows)  # (R = b*H) copies of the samples' prefix
             handle = attn[l].o_proj.register_forward_pre_hook(ablate)
             try:
-                hidden = model.base_model(last[rows], past_key_values=sub).last_hidden_state[:, -1]
+                hidden = _run_with_cache(model, last[rows], sub)[0][:, -1]
             finally:
                 handle.remove()
             total += (score(hidden, target[rows]) - clean[rows]).view(-1, num_heads).sum(0)

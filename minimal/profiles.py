@@ -43,7 +43,7 @@ SIZES: dict[str, tuple] = {
     "sra_test_per_cell": (1, 20, 30),  # test_1hop questions per (noise, position) cell, base vs SRA
     "compare_train_steps": (1, 32, 500),  # steps of batch opamp_train_batch on training_mix, lora and opamp alike
     "compare_seeds": ((0,), (0, 1, 2), (0, 1, 2)),  # training seeds of the trained methods
-    "compare_per_cell": (1, 4, 30),  # questions per (noise, position) cell of each test set (cpu: 40 a set)
+    "compare_per_cell": (1, 3, 30),  # questions per (noise, position) cell of each test set (cpu: 30 a set)
     "compare_repeats": (3, 11, 21),  # paired prefill timings per method (median ratio to base)
     "pear_settings": (((10, 4), (6, 6)), ((50, 10), (25, 20), (15, 40), (10, 50)),
                       ((50, 20), (25, 40), (15, 80), (10, 100))),  # detection (n, samples); gpu = the paper's

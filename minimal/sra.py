@@ -157,15 +157,20 @@ def sra_attention(q, k, v, layer_idx, num_layers, config=None, lengths=None, sca
     lengths = [T] * B if lengths is None else lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
     if len(lengths) != B or not all(type(n) is int and 0 <= n <= T for n in lengths):
         raise ValueError(f"lengths must be {B} integers in [0, T={T}] (real tokens, left padding), got {lengths}")
-    config, scale = _config(config), D**-0.5 if scale is None else float(scale)
+    return _sra_attention(q, k, v, layer_idx, num_layers, _config(config), lengths,
+                          D**-0.5 if scale is None else float(scale), backend)
+
+
+def _sra_attention(q, k, v, layer_idx, num_layers, config, lengths, scale, backend):
+    """``sra_attention`` on inputs already checked (the calibration calls this once per layer)."""
     if backend == "eager":
         return sra_attention_eager(q, k, v, layer_idx, num_layers, config, lengths, scale)
     rows_fn = sra_linear.blocked_rows
-    if backend == "triton":  # imported here: Triton is optional
+    if backend == "triton":  # imported here: Triton is optional; inputs checked up front, even if no row is touched
         from .triton_common import check_kernel_inputs
         from .triton_sra import sra_rows as rows_fn
-        check_kernel_inputs(q, "minimal.triton_sra", 'backend="blocked"')  # up front, even if no row is touched
-    plan = row_plan(layer_idx, num_layers, config, lengths, T, q.device)
+        check_kernel_inputs(q, "minimal.triton_sra", 'backend="blocked"')
+    plan = row_plan(layer_idx, num_layers, config, lengths, q.shape[2], q.device)
     return sra_linear.sra_output(q, k, v, *plan, lengths, scale, float(config.gain), rows_fn)
 
 
@@ -221,7 +226,7 @@ class SRA:
         if not any(passes(n, layer, L, self.config) for n in lengths):
             return None
         backend = self.backend or ("triton" if query.is_cuda and triton_available() else "blocked")
-        return sra_attention(query, key, value, layer, L, self.config, lengths, scale, backend)
+        return _sra_attention(query, key, value, layer, L, self.config, lengths, scale, backend)
 
     def probs(self, module, query, key, attention_mask, scale, rows):
         """The map SRA really uses for the query ``rows`` (default all): (B, H, R, S)."""
